@@ -1,0 +1,88 @@
+"""From a validated :class:`~multiteach.ExperimentConfig` to data, recipe and trainer (CLI and examples)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import ConfigDict, validate_call
+from rich.console import Console
+
+from .config import DataConfig, ExperimentConfig
+from .data import NUM_CLASSES, Arrays, TensorLoader, load_cifar, split_validation, synthetic
+from .distributed import DistContext
+from .presets import get_preset
+from .recipe import Recipe
+from .runtime import resolve_device, seed_everything
+from .teachers import Teacher, create_model
+from .trainer import Trainer
+
+
+@dataclass
+class Splits:
+    train: Arrays
+    val: Arrays
+    test: Arrays
+    num_classes: int
+
+
+def load_splits(cfg: DataConfig, synthetic_data: bool = False) -> Splits:
+    """Train / validation / test arrays as the config says (``synthetic_data``: toy images for smoke runs)."""
+    if synthetic_data:
+        train, test = synthetic(max(cfg.train_size or 2048, cfg.val_size + 64)), synthetic(512, seed=1)
+    else:
+        train, test = load_cifar(cfg.dataset, cfg.data_dir, cfg.root, cfg.download)
+    n_classes = NUM_CLASSES[cfg.dataset]
+    if int(train.y.max()) >= n_classes:
+        raise ValueError(f"labels go up to {int(train.y.max())} but {cfg.dataset} has {n_classes} classes: "
+                         "set data.dataset to match the files")
+    train, val = split_validation(train, cfg.val_size, cfg.seed)
+    if cfg.train_size is not None:
+        train = train.take(np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.train_size])
+    if cfg.test_size is not None:
+        test = test.take(np.arange(min(cfg.test_size, len(test))))
+    return Splits(train, val, test, n_classes)
+
+
+def build_recipe(cfg: ExperimentConfig, num_classes: int) -> Recipe:
+    """The preset named in the config, its options validated against the preset's signature."""
+    info = get_preset(cfg.preset)
+    student = create_model(cfg.student.model, num_classes=num_classes)
+    if cfg.student.checkpoint:
+        from .checkpoint import load_weights
+
+        load_weights(student, cfg.student.checkpoint)
+    teachers = {f"{role}_teacher": Teacher(t.model, t.checkpoint, num_classes=num_classes, name=role)
+                for role, t in cfg.teachers.items()}
+    fn = validate_call(info.fn, config=ConfigDict(arbitrary_types_allowed=True))
+    return fn(student, **teachers, num_classes=num_classes, **cfg.options)
+
+
+def build_trainer(cfg: ExperimentConfig, *, dist: DistContext | None = None, console: Console | None = None,
+                  synthetic_data: bool = False, splits: Splits | None = None) -> Trainer:
+    dist = dist or DistContext()
+    device = resolve_device(dist.device(cfg.train.device))
+    seed_everything(cfg.train.seed + dist.rank)
+    splits = splits or load_splits(cfg.data, synthetic_data)
+    recipe = build_recipe(cfg, splits.num_classes)
+    train_loader = TensorLoader(splits.train, cfg.train.batch_size, shuffle=True, augment=True, drop_last=True,
+                                device=device, seed=cfg.train.seed, rank=dist.rank, world=dist.world)
+    val_loader = None
+    if len(splits.val):
+        val_loader = TensorLoader(splits.val, cfg.eval.batch_size, device=device, rank=dist.rank, world=dist.world)
+    train_cfg = cfg.train.model_copy(update={"device": str(device)})
+    experiment: dict[str, Any] = {"digest": cfg.digest(), "config": cfg.model_dump(mode="json")}
+    return Trainer(recipe, train_loader, train_cfg, val_loader=val_loader, run_dir=cfg.run_dir,
+                   experiment=experiment, dist=dist, console=console)
+
+
+def eval_tensors(splits: Splits, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` test images as float NCHW in [0, 1] and labels."""
+    test = splits.test if n is None else splits.test.take(np.arange(min(n, len(splits.test))))
+    x = torch.from_numpy(test.x).permute(0, 3, 1, 2).float().div(255)
+    return x, torch.from_numpy(test.y)
+
+
+__all__ = ["Splits", "build_recipe", "build_trainer", "eval_tensors", "load_splits"]

@@ -1,0 +1,107 @@
+"""Checkpoints: written atomically (temp file, fsync, rename), read with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+# Keys of published checkpoints that hold no weights of the model (TRADES' WRN keeps an unused block).
+_IGNORED_PREFIXES = ("sub_block1.",)
+_WRAPPER_KEYS = ("model", "state_dict", "student", "net", "model_state_dict")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, unsafe, or of another architecture."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` with ``torch.save`` so that ``path`` is either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Read a checkpoint with ``weights_only=True``: tensors and plain containers only, never code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} not found: check the path (or train that stage first)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds pickled objects other than tensors and plain containers, and is "
+            f"refused (weights_only=True): re-save only its state_dict. Detail: {first}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({e}): is it a torch.save file?") from None
+
+
+def state_dict_of(obj: Any) -> dict[str, Tensor]:
+    """The model weights inside a checkpoint: a raw state_dict or one under a usual key, ``module.`` stripped."""
+    if isinstance(obj, dict):
+        for key in _WRAPPER_KEYS:
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError("checkpoint holds no state_dict (a dict of tensors, possibly under 'model')")
+    out = {}
+    for k, v in obj.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        if not k.startswith(_IGNORED_PREFIXES):
+            out[k] = v
+    return out
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a checkpoint's weights into ``model``, or say plainly why they do not fit it."""
+    sd = state_dict_of(load_checkpoint(path))
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} of another shape (e.g. {'; '.join(wrong[:2])})")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {', '.join(parts)} keys. "
+            "Was it saved from another architecture or class count? Name the matching model."
+        )
+    model.load_state_dict(sd)
+    return model
+
+
+__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "load_weights", "state_dict_of"]

@@ -1,0 +1,98 @@
+"""Distributed data parallel through PyTorch's own engine (torchrun + DistributedDataParallel).
+
+``DistContext.from_env()`` reads what torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...). Every
+rank all-reduces the per-branch losses before the weighter, so all ranks compute the same weights.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, backend: str | None = None, timeout_s: float = 600.0) -> DistContext:
+        """Join the process group torchrun describes; a single process when WORLD_SIZE is unset or 1."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            if backend == "nccl":
+                torch.cuda.set_device(local_rank)
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        return cls(rank, world, local_rank)
+
+    def device(self, requested: str) -> str:
+        """On CUDA each rank takes its local GPU."""
+        if self.enabled and requested in ("auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{self.local_rank}"
+        return requested
+
+    def mean(self, t: Tensor) -> Tensor:
+        if not self.enabled:
+            return t
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t / self.world
+
+    def sum(self, t: Tensor) -> Tensor:
+        if not self.enabled:
+            return t
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        if not self.enabled:
+            return flag
+        return bool(self.sum(torch.tensor(float(flag), device=device)).item() > 0)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def wrap(self, model: nn.Module, sync_bn: bool = False) -> nn.Module:
+        """DDP-wrap the student (the bare module keeps serving attacks, which need no gradient sync)."""
+        if not self.enabled:
+            return model
+        if sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=True)
+
+    def sync_grads(self, params: list[nn.Parameter]) -> None:
+        """All-reduce (mean) gradients of trainable parameters outside the DDP module (e.g. UW's)."""
+        if not self.enabled:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad /= self.world
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+__all__ = ["DistContext"]

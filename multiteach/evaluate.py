@@ -1,0 +1,226 @@
+"""Robustness evaluation: the MTARD paper's white-box (Table 2) and black-box (Table 4) rows, W-Robust.
+
+Everything runs in fp32 with the model in eval mode. Each row reports clean and robust accuracy on the
+same images and W-Robust = (clean + robust) / 2; the worst case counts an image robust only if every
+attack run failed on it. AutoAttack and Square come from the AutoAttack authors' package (pyautoattack).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .transforms import FGSM, PGD, module_mode
+
+Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+def standard_attacks(eps: float = 8 / 255) -> dict[str, Attack]:
+    """The white-box rows of the paper's Table 2 (RSLAD/MTARD evaluation convention)."""
+    return {
+        "fgsm": FGSM(eps),
+        "pgd_sat": PGD(eps, 2 / 255, 20, start="uniform"),
+        "pgd_trades": PGD(eps, 0.003, 20, start="normal"),
+        "cw_inf": PGD(eps, 0.003, 30, start="uniform", objective="cw"),
+    }
+
+
+def _require_autoattack() -> Any:
+    try:
+        import pyautoattack
+    except ImportError:
+        raise ImportError("AutoAttack and Square need the AutoAttack authors' package: "
+                          "pip install 'multiteach[autoattack]'") from None
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)
+    return pyautoattack
+
+
+class AutoAttack:
+    """Standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square; Croce & Hein 2020), the reference code."""
+
+    def __init__(self, eps: float = 8 / 255, norm: str = "Linf", version: str = "standard", seed: int = 0) -> None:
+        self.eps, self.norm, self.version, self.seed = eps, norm, version, seed
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        aa = _require_autoattack().AutoAttack(model, eps=self.eps, norm=self.norm, version=self.version,
+                                              device=x.device, seed=self.seed)
+        aa.verbose = False
+        return aa.run_standard_evaluation(x, y, bs=len(x))
+
+    def __repr__(self) -> str:
+        return f"AutoAttack(version={self.version!r}, norm={self.norm!r}, eps={self.eps:.5g})"
+
+
+class Square:
+    """Square attack (Andriushchenko et al. 2020): score-based black-box, ``queries`` per image."""
+
+    def __init__(self, eps: float = 8 / 255, queries: int = 5000, p_init: float = 0.8, seed: int = 0) -> None:
+        self.eps, self.queries, self.p_init, self.seed = eps, queries, p_init, seed
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        from pyautoattack.square import SquareAttack
+
+        _require_autoattack()
+        attack = SquareAttack(model, p_init=self.p_init, n_queries=self.queries, eps=self.eps, norm="Linf",
+                              n_restarts=1, seed=self.seed, verbose=False, device=x.device, resc_schedule=False)
+        return attack.perturb(x, y)
+
+    def __repr__(self) -> str:
+        return f"Square(eps={self.eps:.5g}, queries={self.queries}, p_init={self.p_init})"
+
+
+class Transfer:
+    """A transfer (black-box) attack: ``attack`` is crafted on ``surrogate``, then shown to the model."""
+
+    def __init__(self, attack: Attack, surrogate: nn.Module) -> None:
+        self.attack, self.surrogate = attack, surrogate
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        with module_mode(self.surrogate, "eval"):
+            return self.attack(self.surrogate, x, y)
+
+    def __repr__(self) -> str:
+        return f"Transfer({self.attack!r}, surrogate={type(self.surrogate).__name__})"
+
+    def describe(self) -> str:
+        inner = self.attack.describe() if hasattr(self.attack, "describe") else repr(self.attack)
+        return f"from {type(self.surrogate).__name__}: {inner}"
+
+
+def black_box_attacks(surrogate: nn.Module | None, eps: float = 8 / 255, queries: int = 5000) -> dict[str, Attack]:
+    """Table 4: transfer PGD-20 and CW-inf from a surrogate, and the Square attack."""
+    white = standard_attacks(eps)
+    out: dict[str, Attack] = {}
+    if surrogate is not None:
+        out["transfer_pgd"] = Transfer(white["pgd_sat"], surrogate)
+        out["transfer_cw"] = Transfer(white["cw_inf"], surrogate)
+    out["square"] = Square(eps, queries)
+    return out
+
+
+@dataclass
+class Row:
+    attack: str
+    settings: str
+    clean: float
+    robust: float
+    w_robust: float
+    seconds: float
+
+
+@dataclass
+class Report:
+    n: int
+    rows: list[Row] = field(default_factory=list)
+    worst: Row | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "rows": [asdict(r) for r in self.rows],
+                "worst": asdict(self.worst) if self.worst else None, "meta": self.meta}
+
+    def save_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    def table(self, title: str = "Robustness (fp32, eval mode)") -> Any:
+        from rich.table import Table
+
+        t = Table(title=f"{title}, n = {self.n}")
+        for col in ("attack", "clean %", "robust %", "W-Robust %", "s", "settings"):
+            t.add_column(col, justify="left" if col in ("attack", "settings") else "right")
+        for r in self.rows + ([self.worst] if self.worst else []):
+            t.add_row(r.attack, f"{100 * r.clean:.2f}", f"{100 * r.robust:.2f}", f"{100 * r.w_robust:.2f}",
+                      f"{r.seconds:.1f}", r.settings)
+        return t
+
+
+def describe(attack: Attack) -> str:
+    return attack.describe() if hasattr(attack, "describe") else repr(attack)
+
+
+def _batches(x: Tensor, y: Tensor, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
+    for i in range(0, len(y), batch_size):
+        yield x[i:i + batch_size], y[i:i + batch_size]
+
+
+def correct_mask(model: nn.Module, x: Tensor, y: Tensor, attack: Attack | None = None,
+                 batch_size: int = 256, device: torch.device | str | None = None) -> Tensor:
+    """Per-image correctness (bool) of ``model`` on ``attack(model, x, y)`` (clean when ``attack`` is None)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    out = []
+    with module_mode(model, "eval"), torch.autocast(device.type, enabled=False):
+        for xb, yb in _batches(x, y, batch_size):
+            xb, yb = xb.to(device).float(), yb.to(device)
+            if attack is not None:
+                xb = attack(model, xb, yb)
+            with torch.no_grad():
+                out.append((model(xb).argmax(1) == yb).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, attacks: dict[str, Attack], batch_size: int = 256,
+             device: torch.device | str | None = None, on_row: Callable[[Row], None] | None = None) -> Report:
+    """Clean accuracy and one row per attack, W-Robust each, and the per-image worst case over all rows."""
+    t0 = time.perf_counter()
+    clean = correct_mask(model, x, y, None, batch_size, device)
+    clean_acc = clean.float().mean().item()
+    report = Report(n=len(y), meta={"clean_seconds": time.perf_counter() - t0})
+    all_robust = clean.clone()
+    for name, attack in attacks.items():
+        t0 = time.perf_counter()
+        mask = correct_mask(model, x, y, attack, batch_size, device)
+        robust = mask.float().mean().item()
+        all_robust &= mask
+        row = Row(name, describe(attack), clean_acc, robust, (clean_acc + robust) / 2, time.perf_counter() - t0)
+        report.rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    if attacks:
+        robust = all_robust.float().mean().item()
+        report.worst = Row("worst case", "per image, over all rows", clean_acc, robust, (clean_acc + robust) / 2,
+                           sum(r.seconds for r in report.rows))
+    return report
+
+
+def clean_and_pgd(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], steps: int = 20,
+                  eps: float = 8 / 255, dist: Any = None) -> dict[str, float]:
+    """The training hook's check: clean and PGD_SAT-``steps`` accuracy over a loader (all ranks summed)."""
+    attack = PGD(eps, 2 / 255, steps, start="uniform")
+    counts = None
+    for xb, yb in loader:
+        c = correct_mask(model, xb, yb, None, len(yb), xb.device).sum()
+        r = correct_mask(model, xb, yb, attack, len(yb), xb.device).sum()
+        batch = torch.stack([c, r, torch.tensor(len(yb))]).double()
+        counts = batch if counts is None else counts + batch
+    if counts is None:
+        return {}
+    if dist is not None and dist.enabled:
+        device = next(model.parameters()).device
+        counts = dist.sum(counts.to(device)).cpu()
+    c, r, n = counts.tolist()
+    return {"clean": c / max(n, 1), "robust": r / max(n, 1)}
+
+
+def eps_sweep(model: nn.Module, x: Tensor, y: Tensor, eps_values: Iterable[float], steps: int = 20,
+              batch_size: int = 256) -> dict[float, float]:
+    """PGD accuracy against eps: it must fall as eps grows and reach ~0 at a large eps (no masking)."""
+    out = {}
+    for eps in eps_values:
+        attack = PGD(eps, max(eps / 4, 1e-6), steps, start="uniform")
+        out[eps] = correct_mask(model, x, y, attack, batch_size).float().mean().item()
+    return out
+
+
+__all__ = ["AutoAttack", "Report", "Row", "Square", "Transfer", "black_box_attacks", "clean_and_pgd",
+           "correct_mask", "describe", "eps_sweep", "evaluate", "standard_attacks"]

@@ -1,0 +1,74 @@
+"""Figures of a run from its ``metrics.jsonl``: L_i(t) and w_i(t) (the paper's Fig. 3) and accuracy curves.
+
+Needs matplotlib (``pip install 'multiteach[plot]'``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(run_dir: str | Path) -> tuple[list[str], list[dict], list[dict]]:
+    """(branch names, step records, epoch records) of a run directory."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} has no metrics.jsonl: is it a multiteach run directory?")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = [r for r in records if r["type"] == "step"]
+    epochs = [r for r in records if r["type"] == "epoch"]
+    names: list[str] = []
+    if (run_dir / "run.json").is_file():
+        names = json.loads((run_dir / "run.json").read_text()).get("branches", [])
+    n = len(steps[0]["L"]) if steps else 0
+    names = names if len(names) == n else [f"branch{i}" for i in range(n)]
+    return names, steps, epochs
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write losses.png, weights.png and accuracy.png (when validated); returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, steps, epochs = read_metrics(run_dir)
+    out = Path(out_dir) if out_dir is not None else Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not steps:
+        raise ValueError(f"{str(run_dir)!r} has no training steps logged yet")
+    t = [r["step"] for r in steps]
+    written = []
+    for key, ylabel, fname in (("L", "loss $L_i(t)$", "losses.png"), ("w", "weight $w_i(t)$", "weights.png")):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for i, name in enumerate(names):
+            ax.plot(t, [r[key][i] for r in steps], label=name, lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if key == "L":
+            ax.set_yscale("log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+        written.append(out / fname)
+    val = [r for r in epochs if "val_clean" in r]
+    if val:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        e = [r["epoch"] for r in val]
+        for key, label in (("val_clean", "clean"), ("val_robust", "PGD-20"), ("val_w_robust", "W-Robust")):
+            ax.plot(e, [100 * r[key] for r in val], marker="o", ms=3, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "accuracy.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "accuracy.png")
+    return written
+
+
+__all__ = ["plot_run", "read_metrics"]

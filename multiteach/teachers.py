@@ -1,0 +1,69 @@
+"""Frozen teachers: always in eval mode, no gradients, BN statistics that never move, no graph kept."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import timm
+from torch import Tensor, nn
+
+from .checkpoint import load_weights
+
+
+def create_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` with a clear message for an unknown name."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[-1]}*")[:8]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ValueError(
+            f"unknown model {name!r}{hint}: use a timm model name; CIFAR models are "
+            f"{', '.join(timm.list_models('cifar_*'))}"
+        )
+    return timm.create_model(name, num_classes=num_classes, **kwargs)
+
+
+class Teacher(nn.Module):
+    """A frozen network whose outputs are distillation targets.
+
+    Built from a timm model name (``Teacher("cifar_wrn34_10", checkpoint="adv.pt")``) or any ``nn.Module``.
+    ``train()`` is a no-op and parameters never require grad, so a forward on a plain input keeps no graph;
+    an input that requires grad (an attack crafted against the teacher) still gets its gradient.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str,
+        checkpoint: str | os.PathLike | None = None,
+        num_classes: int = 10,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(model, str):
+            name = name or model
+            model = create_model(model, num_classes=num_classes)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Teacher needs an nn.Module or a timm model name, got {type(model).__name__}")
+        if checkpoint is not None:
+            load_weights(model, checkpoint)
+        self.model = model
+        self.name = name or type(model).__name__
+        self.model.requires_grad_(False)
+        super().train(False)
+
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.model, "num_classes", None)
+
+    def train(self, mode: bool = True) -> Teacher:
+        """Teachers stay in eval mode whatever their container asks."""
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, frozen"
+
+
+__all__ = ["Teacher", "create_model"]

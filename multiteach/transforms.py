@@ -1,0 +1,193 @@
+"""Input transforms: what a branch feeds to the student and its teacher (clean images, PGD, FGSM, ...).
+
+A transform is a callable ``t(model, x, y, reference=None) -> x'``, like a torchattacks attack, so training
+attacks and evaluation attacks are the same code. In a :class:`~multiteach.Recipe`, branches that share a
+transform instance share its output within a step: one attack, however many branches read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .losses import cw_margin
+
+Norm = Literal["Linf", "L2"]
+Start = Literal["uniform", "normal", "none"]
+Objective = Literal["ce", "kl", "cw"]
+BNMode = Literal["eval", "train", "keep"]
+
+
+@contextlib.contextmanager
+def module_mode(model: nn.Module, mode: BNMode) -> Iterator[nn.Module]:
+    """Put ``model`` in train or eval mode for the block, then restore every submodule's own flag."""
+    if mode == "keep":
+        yield model
+        return
+    saved = [m.training for m in model.modules()]
+    model.train(mode == "train")
+    try:
+        yield model
+    finally:
+        for m, flag in zip(model.modules(), saved):
+            m.training = flag
+
+
+class InputTransform:
+    """Base class: maps a clean batch to the input of a branch.
+
+    ``model``: the network to attack (``None``: the recipe's student). ``reference``: for objectives that
+    compare to a reference output (KL), the module whose clean output is that reference (``None``: the
+    attacked model itself, as in TRADES).
+    """
+
+    model: nn.Module | None = None
+    reference: nn.Module | None = None
+    needs_reference: bool = False
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, reference: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+
+class Clean(InputTransform):
+    """The clean batch, unchanged."""
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, reference: Tensor | None = None) -> Tensor:
+        return x
+
+    def __repr__(self) -> str:
+        return "Clean()"
+
+
+def _per_sample_norm(t: Tensor) -> Tensor:
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+class PGD(InputTransform):
+    """Projected gradient descent (Madry et al. 2018) in the L-inf or L2 ball, inside [0, 1].
+
+    ``start``: ``"uniform"`` (a random point of the ball), ``"normal"`` (x + sigma*N(0,1), sigma = 0.001 as in
+    TRADES/RSLAD/MTARD) or ``"none"``. ``objective``: ``"ce"`` to the label, ``"kl"`` to a reference output
+    (TRADES, RSLAD), ``"cw"`` (Carlini-Wagner margin). ``bn_mode``: the attacked model's mode during the
+    attack (``"eval"`` in MTARD/RSLAD/TRADES, ``"train"`` in ARD); its mode is restored afterwards.
+    """
+
+    def __init__(
+        self,
+        eps: float = 8 / 255,
+        alpha: float = 2 / 255,
+        steps: int = 10,
+        norm: Norm = "Linf",
+        start: Start = "uniform",
+        sigma: float = 0.001,
+        objective: Objective = "ce",
+        bn_mode: BNMode = "eval",
+        model: nn.Module | None = None,
+        reference: nn.Module | None = None,
+        cw_kappa: float = 50.0,
+    ) -> None:
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if alpha <= 0 and eps > 0:
+            raise ValueError(f"step size alpha must be > 0, got {alpha}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        for name, value, allowed in (
+            ("norm", norm, ("Linf", "L2")), ("start", start, ("uniform", "normal", "none")),
+            ("objective", objective, ("ce", "kl", "cw")), ("bn_mode", bn_mode, ("eval", "train", "keep")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}: use one of {allowed}")
+        self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
+        self.norm: Norm = norm
+        self.start: Start = start
+        self.sigma = sigma
+        self.objective: Objective = objective
+        self.bn_mode: BNMode = bn_mode
+        self.model = model
+        self.reference = reference
+        self.needs_reference = objective == "kl"
+        self.cw_kappa = cw_kappa
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(eps={self.eps:.5g}, alpha={self.alpha:.5g}, steps={self.steps}, "
+            f"norm={self.norm!r}, start={self.start!r}, objective={self.objective!r}, bn_mode={self.bn_mode!r})"
+        )
+
+    def describe(self) -> str:
+        """Short settings for tables: norm, eps, step, steps, start, objective."""
+        scale = 255 if self.norm == "Linf" else 1
+        unit = "/255" if self.norm == "Linf" else ""
+        return (f"{self.norm} eps {self.eps * scale:.3g}{unit}, step {self.alpha * scale:.3g}{unit} x{self.steps}, "
+                f"{self.start} start, {self.objective}")
+
+    def _project(self, x_adv: Tensor, x: Tensor) -> Tensor:
+        if self.norm == "Linf":
+            x_adv = torch.minimum(torch.maximum(x_adv, x - self.eps), x + self.eps)
+        else:
+            delta = x_adv - x
+            delta = delta * (self.eps / _per_sample_norm(delta)).clamp(max=1.0)
+            x_adv = x + delta
+        return x_adv.clamp(0.0, 1.0)
+
+    def _init(self, x: Tensor) -> Tensor:
+        if self.start == "none" or self.eps == 0:
+            return x.clone()
+        if self.start == "normal":
+            return self._project(x + self.sigma * torch.randn_like(x), x)
+        if self.norm == "Linf":
+            return (x + torch.empty_like(x).uniform_(-self.eps, self.eps)).clamp(0.0, 1.0)
+        direction = torch.randn_like(x)
+        radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return self._project(x + direction / _per_sample_norm(direction) * radius * self.eps, x)
+
+    def objective_value(self, logits: Tensor, y: Tensor, reference: Tensor | None) -> Tensor:
+        """The summed per-sample objective the attack ascends."""
+        logits = logits.float()
+        if self.objective == "ce":
+            return F.cross_entropy(logits, y, reduction="sum")
+        if self.objective == "cw":
+            return cw_margin(logits, y, self.cw_kappa).sum()
+        assert reference is not None
+        return F.kl_div(F.log_softmax(logits, 1), F.softmax(reference.float(), 1), reduction="sum")
+
+    def _step(self, x_adv: Tensor, grad: Tensor) -> Tensor:
+        if self.norm == "Linf":
+            return x_adv + self.alpha * grad.sign()
+        return x_adv + self.alpha * grad / _per_sample_norm(grad)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, reference: Tensor | None = None) -> Tensor:
+        x = x.detach()
+        if self.eps == 0:
+            return x
+        with module_mode(model, self.bn_mode), torch.enable_grad():
+            if self.needs_reference and reference is None:
+                with torch.no_grad():
+                    reference = model(x)
+            x_adv = self._init(x)
+            for _ in range(self.steps):
+                x_adv.requires_grad_(True)
+                loss = self.objective_value(model(x_adv), y, reference)
+                (grad,) = torch.autograd.grad(loss, [x_adv])
+                x_adv = self._project(self._step(x_adv.detach(), grad), x)
+        return x_adv.detach()
+
+
+class FGSM(PGD):
+    """Fast gradient sign method (Goodfellow et al. 2015): one step of size eps from the clean point.
+
+    With ``start="uniform"`` and ``alpha=1.25*eps`` it is the FGSM-RS of fast adversarial training
+    (Wong et al. 2020).
+    """
+
+    def __init__(self, eps: float = 8 / 255, alpha: float | None = None, start: Start = "none", **kwargs) -> None:
+        super().__init__(eps=eps, alpha=eps if alpha is None else alpha, steps=1, start=start, **kwargs)
+
+
+__all__ = ["FGSM", "PGD", "Clean", "InputTransform", "module_mode"]

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny models and toy data, so the whole suite runs on a 2-core CPU."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import multiteach as mt
+from multiteach.data import Arrays, TensorLoader, synthetic
+from multiteach.models import CifarResNet
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+def tiny_net(num_classes: int = 10, seed: int | None = None) -> torch.nn.Module:
+    """A 2-stage CIFAR ResNet with BatchNorm (8 and 16 channels): real layers, CPU-cheap."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return CifarResNet((1, 1), (8, 16), num_classes=num_classes)
+
+
+@pytest.fixture
+def toy() -> Arrays:
+    return synthetic(256, seed=0)
+
+
+@pytest.fixture
+def toy_loader(toy: Arrays) -> TensorLoader:
+    return TensorLoader(toy, 32, shuffle=True, augment=True, drop_last=True, seed=0)
+
+
+@pytest.fixture
+def mtard_recipe() -> mt.Recipe:
+    torch.manual_seed(0)
+    return mt.presets.mtard(tiny_net(), mt.Teacher(tiny_net()), mt.Teacher(tiny_net()))
+
+
+def _decode_slice(split: str, n: int, seed: int) -> Arrays:
+    from PIL import Image
+
+    d = np.load(SHARED / f"{split}_jpeg.npz")
+    blob, offs, y = d["jpeg"], d["offsets"], d["y"]
+    idx = np.sort(np.random.default_rng(seed).choice(len(y), n, replace=False))
+    x = np.stack([np.asarray(Image.open(io.BytesIO(blob[offs[i]:offs[i + 1]].tobytes())).convert("RGB"))
+                  for i in idx])
+    return Arrays(x, y[idx].astype(np.int64))
+
+
+@pytest.fixture(scope="session")
+def cifar_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random slice of the real CIFAR-10 (JPEG-75 copy) as train.npz/test.npz; synthetic if absent."""
+    out = tmp_path_factory.mktemp("cifar_slice")
+    for split, n in (("train", 1500), ("test", 300)):
+        a = _decode_slice(split, n, 0) if SHARED.is_dir() else synthetic(n, seed=int(split == "test"))
+        np.savez(out / f"{split}.npz", x=a.x, y=a.y)
+    return out

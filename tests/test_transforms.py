@@ -1,0 +1,79 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import multiteach as mt
+from multiteach.transforms import module_mode
+from tests.conftest import tiny_net
+
+
+def _batch(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.mark.parametrize("start", ["uniform", "normal", "none"])
+def test_linf_pgd_stays_in_ball_and_box_and_raises_the_loss(start):
+    torch.manual_seed(0)
+    model = tiny_net().eval()
+    x, y = _batch()
+    pgd = mt.PGD(eps=8 / 255, alpha=2 / 255, steps=10, start=start)
+    x_adv = pgd(model, x, y)
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y) + 1e-3
+
+
+def test_l2_pgd_stays_in_ball():
+    torch.manual_seed(0)
+    model = tiny_net().eval()
+    x, y = _batch()
+    x_adv = mt.PGD(eps=0.5, alpha=0.1, steps=10, norm="L2")(model, x, y)
+    assert (x_adv - x).flatten(1).norm(dim=1).max() <= 0.5 + 1e-5
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y)
+
+
+def test_kl_objective_moves_away_from_reference():
+    torch.manual_seed(0)
+    model = tiny_net().eval()
+    with torch.no_grad():
+        model.linear.weight.mul_(50)  # an untrained head is nearly flat; sharpen it so KL can move
+    x, y = _batch()
+    x_adv = mt.PGD(objective="kl", start="normal")(model, x, y)
+    with torch.no_grad():
+        ref = model(x)
+        kl = F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(ref, 1), reduction="batchmean")
+    assert kl > 1e-4
+
+
+def test_attack_mode_is_restored_and_fgsm_is_one_step():
+    model = tiny_net().train()
+    x, y = _batch(4)
+    mt.PGD(steps=2, bn_mode="eval")(model, x, y)
+    assert model.training and all(m.training for m in model.modules())
+    with module_mode(model, "eval"):
+        assert not any(m.training for m in model.modules())
+    x_adv = mt.FGSM(eps=4 / 255)(model.eval(), x, y)
+    d = (x_adv - x).abs()
+    interior = (x > 4 / 255) & (x < 1 - 4 / 255)
+    assert torch.allclose(d[interior], torch.full_like(d[interior], 4 / 255), atol=1e-6)  # one full sign step
+
+
+def test_pgd_works_standalone_against_a_teacher():
+    torch.manual_seed(0)
+    teacher = mt.Teacher(tiny_net())
+    x, y = _batch()
+    x_adv = mt.PGD(steps=3)(teacher, x, y)
+    assert not torch.equal(x_adv, x)
+
+
+def test_bad_attack_settings_are_refused():
+    with pytest.raises(ValueError, match="eps"):
+        mt.PGD(eps=-1)
+    with pytest.raises(ValueError, match="steps"):
+        mt.PGD(steps=0)
+    with pytest.raises(ValueError, match="start"):
+        mt.PGD(start="gauss")
