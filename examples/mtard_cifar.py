@@ -18,15 +18,18 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from multiteach.build import build_trainer, eval_tensors, load_splits
 from multiteach.checkpoint import load_weights
 from multiteach.config import DataConfig, EvalConfig, ExperimentConfig, ModelConfig, TrainConfig
+from multiteach.distributed import DistContext
 from multiteach.evaluate import AutoAttack, black_box_attacks, evaluate, standard_attacks
 from multiteach.teachers import create_model
 
 console = Console(stderr=True)
+DIST = DistContext.from_env()  # torchrun sets WORLD_SIZE/RANK; a single process otherwise
 
 # Full run: sized for about half an hour on one H100 (see benchmarks/RESULTS.md); --tiny: a CPU smoke run.
 FULL = {
@@ -60,7 +63,7 @@ def stage_config(args: argparse.Namespace, plan: dict, name: str, preset: str, m
 
 def run_stage(cfg: ExperimentConfig, splits, args: argparse.Namespace) -> Path:
     t0 = time.perf_counter()
-    trainer = build_trainer(cfg, console=console, splits=splits)
+    trainer = build_trainer(cfg, console=console, splits=splits, dist=DIST)
     result = trainer.fit(resume=True)
     if result.status != "finished":
         raise SystemExit(f"{cfg.run_dir}: {result.status}; run the same command again to resume")
@@ -123,11 +126,14 @@ def main(argv: list[str] | None = None) -> dict:
     best = run_stage(stage_config(args, plan, args.preset, args.preset, model,
                                   teachers={k: v for k, v in teachers.items() if k in need}, **student), splits, args)
     timings["student_s"] = time.perf_counter() - t0
+    if not DIST.is_main:
+        return {}
 
     t0 = time.perf_counter()
     net = create_model(model, num_classes=splits.num_classes)
     load_weights(net, best)
-    device = "cuda" if args.device in ("auto", "cuda") and __import__("torch").cuda.is_available() else "cpu"
+    device = DIST.device(args.device)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     net.to(device)
     x, y = eval_tensors(splits, args.eval_n or plan["eval_n"])
     attacks = standard_attacks(EvalConfig().eps)

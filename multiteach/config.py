@@ -32,6 +32,7 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool | None = Field(None, description="default: on for CUDA")
     compile: bool = False
+    fast: bool = Field(True, description="CUDA only: BN-folded bf16 teachers, CUDA-graph attacks and teachers")
     device: str = "auto"
     seed: int = 0
     steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (quick runs)")

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import timm
+import torch
 from torch import Tensor, nn
 
 from .checkpoint import load_weights
@@ -49,6 +50,7 @@ class Teacher(nn.Module):
         self.model = model
         self.name = name or type(model).__name__
         self.model.requires_grad_(False)
+        object.__setattr__(self, "fast_forward", None)  # set by multiteach.fast.accelerate; not a submodule
         super().train(False)
 
     @property
@@ -60,6 +62,9 @@ class Teacher(nn.Module):
         return super().train(False)
 
     def forward(self, x: Tensor) -> Tensor:
+        # the BN-folded low-precision copy serves only under autocast; fp32 calls (evaluation) stay exact
+        if self.fast_forward is not None and torch.is_autocast_enabled(x.device.type):
+            return self.fast_forward(x)
         return self.model(x)
 
     def extra_repr(self) -> str:

@@ -30,6 +30,7 @@ from .config import TrainConfig
 from .data import TensorLoader
 from .distributed import DistContext
 from .evaluate import clean_and_pgd
+from .fast import accelerate
 from .recipe import Recipe
 from .runtime import (
     StopFlag,
@@ -102,6 +103,8 @@ class Trainer:
             recipe.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        if self.cfg.fast and self.device.type == "cuda":
+            accelerate(recipe, self.precision, graphs=not sync_bn)
         self.train_model = self.dist.wrap(recipe.student)
         if self.cfg.compile:
             self.train_model = torch.compile(self.train_model)
