@@ -91,7 +91,31 @@ def make_recipe(nat_name: str) -> mt.Recipe:
     return mt.presets.mtard("cifar_resnet18", adv, nat)
 
 
-def trainer_steps(variant: str, nat_name: str, batch: int, steps: int, data: Arrays) -> tuple[float, float]:
+def profile_step(trainer, it, steps: int = 3, top: int = 15) -> None:
+    """Where the GPU time of the trainer step goes: CUDA time by kernel family, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            trainer._step(*next(it))
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    families: dict[str, float] = {}
+    for e in events:
+        n = e.key.lower()
+        fam = ("conv/gemm" if any(k in n for k in ("conv", "xmma", "gemm", "sm90", "cudnn", "wgrad", "dgrad"))
+               else "batchnorm" if "batch_norm" in n or "bn_" in n
+               else "elementwise/other")
+        families[fam] = families.get(fam, 0.0) + e.device_time_total
+    print(f"profile: {total / steps / 1e3:.1f} ms GPU time per step; " +
+          ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(families.items(), key=lambda kv: -kv[1])))
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:top]:
+        print(f"  {100 * e.device_time_total / total:5.1f}%  {e.count // steps:4d}x/step  {e.key[:100]}")
+
+
+def trainer_steps(variant: str, nat_name: str, batch: int, steps: int, data: Arrays,
+                  profile: bool = False) -> tuple[float, float]:
     """Seconds per step of multiteach's trainer step over its GPU loader; and the first-steps overhead."""
     recipe = make_recipe(nat_name)
     cfg = mt.TrainConfig(epochs=1, batch_size=batch, lr=0.1, device="cuda", precision="bf16", progress=False,
@@ -109,7 +133,10 @@ def trainer_steps(variant: str, nat_name: str, batch: int, steps: int, data: Arr
     for _ in range(steps):
         trainer._step(*next(it))
     torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps, warm
+    sec = (time.perf_counter() - t0) / steps
+    if profile:
+        profile_step(trainer, it)
+    return sec, warm
 
 
 def check_fast_path(batch: int = 256) -> dict[str, float]:
@@ -160,6 +187,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["plain", "eager", "fast"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--no-check", action="store_true")
+    p.add_argument("--profile", action="store_true", help="profile the first non-plain variant of each size")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -167,7 +195,7 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, cudnn {torch.backends.cudnn.version()}")
     if not args.no_check:
         print("fast path vs fp32 on one batch:", json.dumps(check_fast_path()))
-    data = synthetic_arrays(16384)
+    data = synthetic_arrays(max(16384, 64 * max(args.batch)))
     rows = []
     for nat_name in args.nat:
         for batch in args.batch:
@@ -185,7 +213,8 @@ def main() -> None:
                     sec = plain_steps(recipe.student, adv, nat, x, y, args.steps)
                     del recipe
                 else:
-                    sec, warm = trainer_steps(variant, nat_name, batch, args.steps, data)
+                    first = variant == next(v for v in args.variants if v != "plain")
+                    sec, warm = trainer_steps(variant, nat_name, batch, args.steps, data, args.profile and first)
                 ips = batch / sec
                 base = base or (ips if variant == "plain" else None)
                 row = {"nat_teacher": nat_name, "batch": batch, "variant": variant, "img_s": ips,

@@ -44,6 +44,13 @@ def _read_npz(path: Path) -> Arrays:
     return Arrays(x, y)
 
 
+def _shuffled_if_sorted(a: Arrays) -> Arrays:
+    """Files grouped by class get a fixed random order (seed 0), so a first-n subset is representative."""
+    if len(a) > 1 and np.all(np.diff(a.y) >= 0):
+        return a.take(np.random.default_rng(0).permutation(len(a)))
+    return a
+
+
 def load_cifar(dataset: str = "cifar10", data_dir: str | os.PathLike | None = None,
                root: str | os.PathLike = "data", download: bool = False) -> tuple[Arrays, Arrays]:
     """(train, test) arrays, from ``data_dir/{train,test}.npz`` if given, else torchvision under ``root``."""
@@ -57,7 +64,7 @@ def load_cifar(dataset: str = "cifar10", data_dir: str | os.PathLike | None = No
                 f"data directory {str(d)!r} has no {' or '.join(missing)}: decode the archives into it "
                 f"(python ../shared/data/prepare.py {d}) or drop data_dir to use torchvision's CIFAR"
             )
-        return _read_npz(d / "train.npz"), _read_npz(d / "test.npz")
+        return _shuffled_if_sorted(_read_npz(d / "train.npz")), _shuffled_if_sorted(_read_npz(d / "test.npz"))
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100

@@ -50,12 +50,16 @@ class Teacher(nn.Module):
         self.model = model
         self.name = name or type(model).__name__
         self.model.requires_grad_(False)
-        object.__setattr__(self, "fast_forward", None)  # set by multiteach.fast.accelerate; not a submodule
+        self.set_fast_forward(None)
         super().train(False)
 
     @property
     def num_classes(self) -> int | None:
         return getattr(self.model, "num_classes", None)
+
+    def set_fast_forward(self, fn: nn.Module | None) -> None:
+        """A faster stand-in used under autocast (see multiteach.fast); kept out of the state_dict."""
+        object.__setattr__(self, "fast_forward", fn)
 
     def train(self, mode: bool = True) -> Teacher:
         """Teachers stay in eval mode whatever their container asks."""

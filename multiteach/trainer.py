@@ -104,7 +104,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         if self.cfg.fast and self.device.type == "cuda":
-            accelerate(recipe, self.precision, graphs=not sync_bn)
+            accelerate(recipe, self.precision, graphs=not sync_bn, compile=self.cfg.compile)
         self.train_model = self.dist.wrap(recipe.student)
         if self.cfg.compile:
             self.train_model = torch.compile(self.train_model)
