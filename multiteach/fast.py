@@ -1,12 +1,13 @@
 """The CUDA fast path: BN-folded low-precision teachers and CUDA-graph replay of attacks and teachers.
 
-An adversarial-distillation step is dominated by many small launches (PGD-10 is ten forward/backward pairs
-of the student) and by the teachers' forwards. ``accelerate(recipe)`` folds each teacher's eval-mode
-BatchNorm into its convolutions, keeps its weights in bf16, and records every input transform and teacher
-forward as a CUDA graph (one per input shape) that later steps replay, so the host issues a handful of
-launches per step instead of thousands. Graphs read the live student weights and BN buffers (they are
-updated in place), and draw their random starts from the graph-safe CUDA generator. Nothing here runs on
-the CPU: there the recipe is used as written.
+An adversarial-distillation step is dominated by the attack (PGD-10 is ten forward/backward passes of the
+student in eval mode), the teachers' forwards, and many small launches. ``accelerate(recipe)`` folds each
+teacher's eval-mode BatchNorm into its convolutions and keeps its weights in bf16; runs eval-mode attacks
+on a BN-folded view of the student (re-folded from the live weights every step); and records every input
+transform and teacher forward as a CUDA graph (one per input shape) that later steps replay, so the host
+issues a handful of launches per step instead of thousands. Graphs read the live student weights and BN
+buffers (they are updated in place), and draw their random starts from the graph-safe CUDA generator.
+Nothing here runs on the CPU: there the recipe is used as written.
 """
 
 from __future__ import annotations
@@ -34,6 +35,71 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     except Exception as e:  # tracing failures surface as many exception types
         warnings.warn(f"BatchNorm folding skipped for {type(model).__name__}: {type(e).__name__}: {e}", stacklevel=2)
         return model
+
+
+class FoldedEval(nn.Module):
+    """An eval-mode view of a *training* model with each conv -> BatchNorm pair folded into one conv.
+
+    Attacks run the student in eval mode ten times a step; there BatchNorm is a per-channel affine map that
+    folds into the preceding convolution, which removes every BN kernel from the attack's forward and
+    backward passes. ``refresh()`` re-folds from the live weights and running statistics (in place, so it
+    can run inside a CUDA graph); everything else (including unfoldable BNs) is shared with the model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        import torch.fx as fx
+
+        graph_module = fx.symbolic_trace(model)
+        modules = dict(graph_module.named_modules())
+        self.pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d, nn.Conv2d]] = []
+        for node in list(graph_module.graph.nodes):
+            bn = modules.get(node.target) if node.op == "call_module" else None
+            src = node.args[0] if bn is not None and node.args else None
+            if not isinstance(bn, nn.BatchNorm2d) or not isinstance(src, fx.Node) or src.op != "call_module":
+                continue
+            conv = modules.get(src.target)
+            if not isinstance(conv, nn.Conv2d) or len(src.users) != 1 or not bn.track_running_stats:
+                continue
+            folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                               conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+            folded.to(conv.weight.device).requires_grad_(False)
+            folded.weight.data = folded.weight.data.contiguous(
+                memory_format=torch.channels_last if conv.weight.is_contiguous(memory_format=torch.channels_last)
+                else torch.contiguous_format)
+            graph_module.add_submodule(f"_folded{len(self.pairs)}", folded)
+            with graph_module.graph.inserting_after(src):
+                new = graph_module.graph.call_module(f"_folded{len(self.pairs)}", src.args, src.kwargs)
+            node.replace_all_uses_with(new)
+            graph_module.graph.erase_node(node)
+            graph_module.graph.erase_node(src)
+            self.pairs.append((conv, bn, folded))
+        graph_module.graph.lint()
+        graph_module.recompile()
+        self.net = graph_module
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        for conv, bn, folded in self.pairs:
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            folded.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+            bias = -bn.running_mean if conv.bias is None else conv.bias - bn.running_mean
+            folded.bias.copy_(bias * scale + bn.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def folded_eval(model: nn.Module) -> nn.Module | None:
+    """``FoldedEval(model)``, or ``None`` (with a warning) when the model cannot be traced or has no pair."""
+    try:
+        folded = FoldedEval(model)
+    except Exception as e:
+        warnings.warn(f"attack-time BN folding skipped for {type(model).__name__}: {type(e).__name__}: {e}",
+                      stacklevel=2)
+        return None
+    return folded if folded.pairs else None
 
 
 class CapturedCall:
@@ -94,12 +160,17 @@ def accelerate(recipe: Recipe, precision: str = "bf16", graphs: bool = True, com
             fast = _fast_teacher(teacher.model, low)
             teacher.set_fast_forward(torch.compile(fast) if compile else fast)
     if graphs:
-        student = torch.compile(recipe.student) if compile else recipe.student
+        folded = folded_eval(recipe.student)
         for b in recipe.branches:
             for t in (b.transform, b.teacher_input):
                 if t is not None and id(t) not in recipe.runners and getattr(t, "steps", 0):
-                    model = t.model if t.model is not None else student
-                    recipe.runners[id(t)] = _graphed_transform(t, model)
+                    if t.model is not None:
+                        model, refresh = t.model, None
+                    elif folded is not None and getattr(t, "bn_mode", None) == "eval":
+                        model, refresh = folded, folded.refresh
+                    else:
+                        model, refresh = recipe.student, None
+                    recipe.runners[id(t)] = _graphed_transform(t, torch.compile(model) if compile else model, refresh)
         for teacher in recipe.teachers:
             if isinstance(teacher, Teacher):
                 recipe.runners[id(teacher)] = CapturedCall(_no_grad(teacher))
@@ -118,8 +189,10 @@ def _fast_teacher(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     return fast.to(memory_format=torch.channels_last)
 
 
-def _graphed_transform(t: Any, model: nn.Module) -> CapturedCall:
+def _graphed_transform(t: Any, model: nn.Module, refresh: Callable[[], None] | None) -> CapturedCall:
     def run(x: Tensor, y: Tensor, ref: Tensor | None) -> Tensor:
+        if refresh is not None:
+            refresh()  # fold the live student weights and BN statistics (recorded in the graph)
         return t(model, x, y, ref)
 
     return CapturedCall(run)
@@ -133,4 +206,4 @@ def _no_grad(teacher: nn.Module) -> Callable[[Tensor], Tensor]:
     return run
 
 
-__all__ = ["CapturedCall", "accelerate", "fold_batchnorm"]
+__all__ = ["CapturedCall", "FoldedEval", "accelerate", "fold_batchnorm", "folded_eval"]

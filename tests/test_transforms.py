@@ -77,3 +77,32 @@ def test_bad_attack_settings_are_refused():
         mt.PGD(steps=0)
     with pytest.raises(ValueError, match="start"):
         mt.PGD(start="gauss")
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet18", "cifar_wrn16_4", "cifar_mobilenetv2"])
+def test_folded_eval_view_matches_eval_mode_and_follows_live_weights(name):
+    """The fast path's BN-folded attack view: same logits and input gradients as the eval-mode student."""
+    from multiteach.fast import FoldedEval
+
+    torch.manual_seed(0)
+    student = mt.create_model(name).train()
+    x = torch.rand(4, 3, 32, 32)
+    student(x)  # move the running statistics away from their init
+    folded = FoldedEval(student)
+    own = {id(p) for p in student.parameters()}
+    assert folded.pairs and not any(p.requires_grad for p in folded.net.parameters() if id(p) not in own)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # the student trains on...
+    student(x)
+    folded.refresh()  # ...and the view follows after a refresh
+    xg = x.clone().requires_grad_()
+    xf = x.clone().requires_grad_()
+    with module_mode(student, "eval"):
+        want = student(xg)
+        got = folded(xf)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    want.sum().backward()
+    got.sum().backward()
+    assert torch.allclose(xf.grad, xg.grad, rtol=1e-3, atol=1e-6)
+    assert student.training  # the view never changes the student's mode
