@@ -56,7 +56,7 @@ def stage_config(args: argparse.Namespace, plan: dict, name: str, preset: str, m
         train=TrainConfig(epochs=epochs, batch_size=plan["batch_size"], lr=plan["lr"], schedule=schedule,
                           weight_decay=5e-4 if preset == "natural" else 2e-4, milestones=[],
                           precision=args.precision, device=args.device, seed=args.seed,
-                          progress=not args.quiet, compile=args.compile),
+                          progress=not args.quiet, compile=args.compile and name == args.preset),
         run_dir=str(Path(args.run_dir) / name),
     )
 
@@ -84,11 +84,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--nat-arch", help="its timm name (default: the plan's)")
     p.add_argument("--student", help="student timm name (default cifar_resnet18)")
     p.add_argument("--epochs", type=int, help="student epochs")
+    p.add_argument("--nat-epochs", type=int, help="natural teacher epochs")
+    p.add_argument("--adv-epochs", type=int, help="adversarial teacher epochs")
     p.add_argument("--preset", default="mtard", help="student recipe: mtard, bmtard, rslad, ard, baseline_mt, ...")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run on a small slice, tiny models")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student's training forward")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the student stage (about a minute of compilation, ~1.3x faster steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, help="evaluate on the first n test images (default: all)")
     p.add_argument("--autoattack", action="store_true", help="add standard AutoAttack to the table")
@@ -108,6 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
         spec = dict(plan[role])
         model = arch or spec.pop("model")
         spec.pop("model", None)
+        if getattr(args, f"{role}_epochs"):
+            spec["epochs"] = getattr(args, f"{role}_epochs")
         if given is None:
             t0 = time.perf_counter()
             given = str(run_stage(stage_config(args, plan, f"{role}_teacher", model=model, **spec), splits, args))
