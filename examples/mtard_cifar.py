@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-n", type=int, help="evaluate on the first n test images (default: all)")
     p.add_argument("--autoattack", action="store_true", help="add standard AutoAttack to the table")
     p.add_argument("--black-box", action="store_true", help="add transfer (from the adversarial teacher) and Square")
+    p.add_argument("--slow-n", type=int, help="run AutoAttack and the black-box rows on the first n images only")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if not args.data_dir and not args.download:
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
         surrogate = create_model(teachers["adv"].model, num_classes=splits.num_classes)
         load_weights(surrogate, teachers["adv"].checkpoint)
         attacks.update(black_box_attacks(surrogate.to(device)))
-    report = evaluate(net, x, y, attacks, device=device)
+    slow = {k: args.slow_n for k in ("autoattack", "transfer_pgd", "transfer_cw", "square")} if args.slow_n else None
+    report = evaluate(net, x, y, attacks, device=device, subsets=slow)
     timings["eval_s"] = time.perf_counter() - t0
     report.meta.update(timings=timings, checkpoint=str(best), data=args.data_dir or "torchvision")
     console.print(report.table(f"{args.preset} student ({model})"))

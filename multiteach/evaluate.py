@@ -53,7 +53,8 @@ class AutoAttack:
         aa = _require_autoattack().AutoAttack(model, eps=self.eps, norm=self.norm, version=self.version,
                                               device=x.device, seed=self.seed)
         aa.verbose = False
-        return aa.run_standard_evaluation(x, y, bs=len(x))
+        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=len(x))
+        return x_adv
 
     def __repr__(self) -> str:
         return f"AutoAttack(version={self.version!r}, norm={self.norm!r}, eps={self.eps:.5g})"
@@ -114,6 +115,7 @@ class Row:
     robust: float
     w_robust: float
     seconds: float
+    n: int = 0
 
 
 @dataclass
@@ -140,8 +142,9 @@ class Report:
         for col in ("attack", "clean %", "robust %", "W-Robust %", "s", "settings"):
             t.add_column(col, justify="left" if col in ("attack", "settings") else "right")
         for r in self.rows + ([self.worst] if self.worst else []):
+            note = f" [first {r.n} images]" if r.n and r.n != self.n else ""
             t.add_row(r.attack, f"{100 * r.clean:.2f}", f"{100 * r.robust:.2f}", f"{100 * r.w_robust:.2f}",
-                      f"{r.seconds:.1f}", r.settings)
+                      f"{r.seconds:.1f}", r.settings + note)
         return t
 
 
@@ -170,26 +173,33 @@ def correct_mask(model: nn.Module, x: Tensor, y: Tensor, attack: Attack | None =
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, attacks: dict[str, Attack], batch_size: int = 256,
-             device: torch.device | str | None = None, on_row: Callable[[Row], None] | None = None) -> Report:
-    """Clean accuracy and one row per attack, W-Robust each, and the per-image worst case over all rows."""
+             device: torch.device | str | None = None, on_row: Callable[[Row], None] | None = None,
+             subsets: dict[str, int] | None = None) -> Report:
+    """Clean accuracy and one row per attack, W-Robust each, and the per-image worst case over all rows.
+
+    ``subsets`` runs the named (slow) attacks on the first k images only; their rows report clean and
+    robust accuracy on those k images, and the worst case then covers those k images.
+    """
     t0 = time.perf_counter()
     clean = correct_mask(model, x, y, None, batch_size, device)
-    clean_acc = clean.float().mean().item()
     report = Report(n=len(y), meta={"clean_seconds": time.perf_counter() - t0})
     all_robust = clean.clone()
+    worst_n = len(y)
     for name, attack in attacks.items():
+        k = min((subsets or {}).get(name, len(y)), len(y))
+        worst_n = min(worst_n, k)
         t0 = time.perf_counter()
-        mask = correct_mask(model, x, y, attack, batch_size, device)
-        robust = mask.float().mean().item()
-        all_robust &= mask
-        row = Row(name, describe(attack), clean_acc, robust, (clean_acc + robust) / 2, time.perf_counter() - t0)
+        mask = correct_mask(model, x[:k], y[:k], attack, batch_size, device)
+        clean_acc, robust = clean[:k].float().mean().item(), mask.float().mean().item()
+        all_robust[:k] &= mask
+        row = Row(name, describe(attack), clean_acc, robust, (clean_acc + robust) / 2, time.perf_counter() - t0, k)
         report.rows.append(row)
         if on_row is not None:
             on_row(row)
     if attacks:
-        robust = all_robust.float().mean().item()
+        clean_acc, robust = clean[:worst_n].float().mean().item(), all_robust[:worst_n].float().mean().item()
         report.worst = Row("worst case", "per image, over all rows", clean_acc, robust, (clean_acc + robust) / 2,
-                           sum(r.seconds for r in report.rows))
+                           sum(r.seconds for r in report.rows), worst_n)
     return report
 
 
