@@ -37,13 +37,13 @@ FULL = {
     "adv": dict(model="cifar_resnet18", preset="sat", epochs=30, schedule="cosine",
                 options={"steps": 5}),
     "student": dict(model="cifar_resnet18", epochs=40, schedule="cosine", options={}),
-    "batch_size": 512, "lr": 0.2, "val_size": 1000, "eval_n": None,
+    "batch_size": 256, "lr": 0.2, "warmup_epochs": 1.0, "val_size": 1000, "eval_n": None,
 }
 TINY = {
     "nat": dict(model="cifar_resnet8", preset="natural", epochs=2, schedule="cosine", options={}),
     "adv": dict(model="cifar_resnet8", preset="sat", epochs=1, schedule="cosine", options={"steps": 3}),
     "student": dict(model="cifar_resnet8", epochs=2, schedule="cosine", options={"steps": 3}),
-    "batch_size": 64, "lr": 0.05, "val_size": 200, "train_size": 1200, "eval_n": 200,
+    "batch_size": 64, "lr": 0.05, "warmup_epochs": 0.0, "val_size": 200, "train_size": 1200, "eval_n": 200,
 }
 
 
@@ -55,6 +55,7 @@ def stage_config(args: argparse.Namespace, plan: dict, name: str, preset: str, m
                         val_size=plan["val_size"], train_size=plan.get("train_size")),
         train=TrainConfig(epochs=epochs, batch_size=plan["batch_size"], lr=plan["lr"], schedule=schedule,
                           weight_decay=5e-4 if preset == "natural" else 2e-4, milestones=[],
+                          warmup_epochs=plan["warmup_epochs"],
                           precision=args.precision, device=args.device, seed=args.seed,
                           progress=not args.quiet, compile=args.compile and name == args.preset),
         run_dir=str(Path(args.run_dir) / name),

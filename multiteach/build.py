@@ -81,7 +81,7 @@ def build_trainer(cfg: ExperimentConfig, *, dist: DistContext | None = None, con
 def eval_tensors(splits: Splits, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` test images as float NCHW in [0, 1] and labels."""
     test = splits.test if n is None else splits.test.take(np.arange(min(n, len(splits.test))))
-    x = torch.from_numpy(test.x).permute(0, 3, 1, 2).float().div(255)
+    x = torch.from_numpy(test.x).permute(0, 3, 1, 2).contiguous().float().div(255)
     return x, torch.from_numpy(test.y)
 
 

@@ -164,7 +164,7 @@ def correct_mask(model: nn.Module, x: Tensor, y: Tensor, attack: Attack | None =
     out = []
     with module_mode(model, "eval"), torch.autocast(device.type, enabled=False):
         for xb, yb in _batches(x, y, batch_size):
-            xb, yb = xb.to(device).float(), yb.to(device)
+            xb, yb = xb.to(device).float().contiguous(), yb.to(device)  # AutoAttack views its gradients
             if attack is not None:
                 xb = attack(model, xb, yb)
             with torch.no_grad():
