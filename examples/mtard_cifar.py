@@ -40,10 +40,10 @@ FULL = {
     "batch_size": 256, "lr": 0.2, "warmup_epochs": 1.0, "val_size": 1000, "eval_n": None,
 }
 TINY = {
-    "nat": dict(model="cifar_resnet8", preset="natural", epochs=2, schedule="cosine", options={}),
-    "adv": dict(model="cifar_resnet8", preset="sat", epochs=1, schedule="cosine", options={"steps": 3}),
-    "student": dict(model="cifar_resnet8", epochs=2, schedule="cosine", options={"steps": 3}),
-    "batch_size": 64, "lr": 0.05, "warmup_epochs": 0.0, "val_size": 200, "train_size": 1200, "eval_n": 200,
+    "nat": dict(model="cifar_resnet8", preset="natural", epochs=4, schedule="cosine", options={}),
+    "adv": dict(model="cifar_resnet8", preset="sat", epochs=2, schedule="cosine", options={"steps": 3}),
+    "student": dict(model="cifar_resnet8", epochs=3, schedule="cosine", options={"steps": 3}),
+    "batch_size": 32, "lr": 0.05, "warmup_epochs": 0.0, "val_size": 200, "train_size": 1200, "eval_n": 200,
 }
 
 

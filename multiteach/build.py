@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from pydantic import ConfigDict, validate_call
+from pydantic import ConfigDict, ValidationError, validate_call
 from rich.console import Console
 
 from .config import DataConfig, ExperimentConfig
@@ -57,7 +58,13 @@ def build_recipe(cfg: ExperimentConfig, num_classes: int) -> Recipe:
     teachers = {f"{role}_teacher": Teacher(t.model, t.checkpoint, num_classes=num_classes, name=role)
                 for role, t in cfg.teachers.items()}
     fn = validate_call(info.fn, config=ConfigDict(arbitrary_types_allowed=True))
-    return fn(student, **teachers, num_classes=num_classes, **cfg.options)
+    try:
+        return fn(student, **teachers, num_classes=num_classes, **cfg.options)
+    except ValidationError as e:
+        params = inspect.signature(info.fn).parameters.values()
+        accepted = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "num_classes"]
+        bad = "; ".join(f"options.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ValueError(f"preset {cfg.preset!r}: {bad} (its options: {', '.join(accepted)})") from None
 
 
 def build_trainer(cfg: ExperimentConfig, *, dist: DistContext | None = None, console: Console | None = None,

@@ -19,7 +19,7 @@ from .losses import CrossEntropy, KLDistill, Reduction
 from .recipe import STUDENT, Branch, Recipe
 from .teachers import Teacher, create_model
 from .transforms import PGD, Clean, InputTransform
-from .weighting import ANL, Fixed, Weighter
+from .weighting import ANL, Fixed, Weighter, make_weighter
 
 ModelLike = nn.Module | str
 
@@ -144,14 +144,16 @@ def _two_teacher_branches(adv: nn.Module, nat: nn.Module, eps: float, alpha: flo
 def mtard(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None = None,
           nat_teacher: ModelLike | None = None, *, num_classes: int = 10, eps: float = 8 / 255,
           alpha: float = 2 / 255, steps: int = 10, temperature: float = 1.0, reduction: Reduction = "mean",
-          beta: float = 1.0, rw: float = 0.025, w0: Sequence[float] = (0.5, 0.5)) -> Recipe:
+          beta: float = 1.0, rw: float = 0.025, w0: Sequence[float] = (0.5, 0.5), weighter: str = "anl") -> Recipe:
     """MTARD (zhaoshiji123/MTARD): the adversarial teacher reads PGD-10 examples crafted against the student
     (eval mode, step 2/255, start x + 0.001*N(0,1), CE); the natural teacher reads clean images; KL at T = 1
-    averaged over batch x classes; ANL with beta = 1, r_w = 0.025, w0 = 1/2, r_w decayed with the LR."""
+    averaged over batch x classes; ANL with beta = 1, r_w = 0.025, w0 = 1/2, r_w decayed with the LR.
+    ``weighter`` swaps ANL for another of ``WEIGHTERS`` (dwa, uw, rlw, fixed) on the same two branches."""
     adv = as_teacher(adv_teacher, num_classes, "adv")
     nat = as_teacher(nat_teacher, num_classes, "nat")
     branches = _two_teacher_branches(adv, nat, eps, alpha, steps, temperature, reduction)
-    return Recipe(as_student(student, num_classes), branches, ANL(2, beta, rw, w0), name="mtard")
+    w = ANL(2, beta, rw, w0) if weighter == "anl" else make_weighter(weighter, 2)
+    return Recipe(as_student(student, num_classes), branches, w, name="mtard")
 
 
 @register("bmtard", "MTARD + B-MTARD's entropy-balanced teacher temperatures (Zhao et al. 2024)",

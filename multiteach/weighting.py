@@ -192,4 +192,14 @@ class RandomLossWeighting(Weighter):
 
 WEIGHTERS = {"anl": ANL, "fixed": Fixed, "dwa": DWA, "uw": UncertaintyWeighting, "rlw": RandomLossWeighting}
 
-__all__ = ["ANL", "DWA", "Fixed", "RandomLossWeighting", "UncertaintyWeighting", "WEIGHTERS", "Weighter"]
+
+def make_weighter(name: str, n: int, **kwargs: object) -> Weighter:
+    """A weighter by name (``WEIGHTERS``) for ``n`` branches; ``fixed`` is uniform unless ``weights`` given."""
+    if name not in WEIGHTERS:
+        raise ValueError(f"unknown weighter {name!r}: choose one of {', '.join(WEIGHTERS)}")
+    if name == "fixed":
+        return Fixed(kwargs.get("weights") or [1.0 / n] * n)  # type: ignore[arg-type]
+    return WEIGHTERS[name](n, **kwargs)
+
+__all__ = ["ANL", "DWA", "Fixed", "RandomLossWeighting", "UncertaintyWeighting", "WEIGHTERS", "Weighter",
+           "make_weighter"]

@@ -22,4 +22,4 @@ def test_reference_example_tiny_mode_runs(cifar_slice, tmp_path):
         assert (tmp_path / stage / "best.pt").is_file()
     assert (tmp_path / "eval.json").is_file()
     if SHARED.is_dir():
-        assert rows["fgsm"]["clean"] > 0.1  # better than chance on the real slice
+        assert rows["fgsm"]["clean"] > 0.15  # better than chance on the real slice

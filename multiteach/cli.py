@@ -1,0 +1,291 @@
+"""The ``multiteach`` command: train, eval, presets, config, plot.
+
+Every error a user can cause (a bad config value, an unknown name, a missing file, a checkpoint of another
+model, CUDA asked for where there is none) ends as one line naming the problem and the fix, with exit code
+2; ``--debug`` shows the traceback instead. Exit codes: 0 done, 1 the run failed (non-finite loss),
+2 bad input, 3 stopped by SIGINT/SIGTERM after writing a checkpoint (run the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 1, 2, 3
+
+console = Console(stderr=True)
+
+
+class UsageError(ValueError):
+    """Bad input found by the CLI itself."""
+
+
+def _load_experiment(path: str, overrides: list[str]) -> Any:
+    from .config import ExperimentConfig, apply_override, read_config
+
+    d = read_config(path)
+    for o in overrides:
+        apply_override(d, o)
+    return ExperimentConfig.model_validate(d)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .build import build_trainer
+
+    cfg = _load_experiment(args.config, args.set)
+    trainer = build_trainer(cfg, console=console, synthetic_data=args.synthetic)
+    result = trainer.fit(resume=not args.restart, force=args.force)
+    if result.status.startswith("interrupted"):
+        console.print(f"stopped at epoch {result.epoch}; checkpoint in {cfg.run_dir}/last.pt: "
+                      "run the same command again to resume")
+        return EXIT_STOPPED
+    _summary(cfg, result)
+    return 0
+
+
+def _summary(cfg: Any, result: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{cfg.preset} ({cfg.student.model}) in {cfg.run_dir}")
+    t.add_column("epoch", justify="right")
+    for col in ("val clean %", "val PGD-20 %", "val W-Robust %", "img/s"):
+        t.add_column(col, justify="right")
+    for r in result.history[-5:]:
+        t.add_row(str(r["epoch"]), *(f"{100 * r[k]:.2f}" if k in r else "-" for k in
+                                     ("val_clean", "val_robust", "val_w_robust")), f"{r.get('img_per_s', 0):,.0f}")
+    console.print(t)
+    if result.best:
+        console.print(f"best on validation: {result.best} -> {cfg.run_dir}/best.pt")
+
+
+def _model_of(checkpoint: str) -> str | None:
+    """The student's timm name recorded in a multiteach training checkpoint (None for a bare state_dict)."""
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    exp = ckpt.get("experiment") if isinstance(ckpt, dict) else None
+    return (exp or {}).get("config", {}).get("student", {}).get("model")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .build import eval_tensors, load_splits
+    from .checkpoint import load_weights
+    from .config import DataConfig, EvalConfig, ModelConfig
+    from .evaluate import AutoAttack, black_box_attacks, evaluate, standard_attacks
+    from .runtime import resolve_device
+    from .teachers import create_model
+
+    ModelConfig(model=args.model or "unknown", checkpoint=args.checkpoint)  # checks the path
+    model_name = args.model or _model_of(args.checkpoint)
+    if model_name is None:
+        raise UsageError(f"{args.checkpoint} records no model name: pass --model TIMM_NAME")
+    ecfg = EvalConfig(eps=args.eps, n=args.n, batch_size=args.batch_size, attacks=args.attacks,
+                      square_queries=args.queries)
+    data = DataConfig(data_dir=args.data_dir, download=args.download, root=args.root, dataset=args.dataset,
+                      val_size=0)
+    splits = load_splits(data, synthetic_data=args.synthetic)
+    device = resolve_device(args.device)
+    net = create_model(model_name, num_classes=splits.num_classes)
+    load_weights(net, args.checkpoint)
+    net.to(device)
+    known = standard_attacks(ecfg.eps)
+    unknown = [a for a in ecfg.attacks if a not in known]
+    if unknown:
+        raise UsageError(f"unknown attack(s) {', '.join(unknown)}: choose from {', '.join(known)}")
+    attacks: dict[str, Any] = {a: known[a] for a in ecfg.attacks}
+    if args.autoattack:
+        attacks["autoattack"] = AutoAttack(ecfg.eps)
+    if args.black_box:
+        surrogate = None
+        if args.surrogate:
+            s_name = args.surrogate_model or _model_of(args.surrogate)
+            if s_name is None:
+                raise UsageError(f"{args.surrogate} records no model name: pass --surrogate-model TIMM_NAME")
+            surrogate = create_model(s_name, num_classes=splits.num_classes)
+            load_weights(surrogate, args.surrogate)
+            surrogate.to(device)
+        attacks.update(black_box_attacks(surrogate, ecfg.eps, ecfg.square_queries))
+    x, y = eval_tensors(splits, ecfg.n)
+    slow = {k: args.slow_n for k in ("autoattack", "transfer_pgd", "transfer_cw", "square")} if args.slow_n else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        report = evaluate(net, x, y, attacks, batch_size=ecfg.batch_size, device=device, subsets=slow,
+                          on_row=lambda r: console.log(f"{r.attack}: robust {100 * r.robust:.2f}% ({r.seconds:.1f} s)"))
+    report.meta.update(checkpoint=args.checkpoint, model=model_name, device=str(device),
+                       data=args.data_dir or "torchvision", eps=ecfg.eps)
+    Console().print(report.table(f"{model_name} from {args.checkpoint}"))
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".eval.json")
+    report.save_json(out)
+    console.log(f"wrote {out}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .presets import PRESETS
+
+    t = Table(title="multiteach presets")
+    for col in ("preset", "teachers", "official schedule", "description"):
+        t.add_column(col)
+    for name, info in PRESETS.items():
+        sched = info.schedule
+        t.add_row(name, ", ".join(info.teachers) or "-",
+                  f"{sched.get('epochs', '?')} ep, decay at {list(sched.get('milestones', []))}", info.description)
+    Console().print(t)
+    return 0
+
+
+DEFAULT_TEACHERS = {"adv": "cifar_wrn34_10", "nat": "cifar_resnet56"}
+
+
+def preset_config(preset: str) -> dict[str, Any]:
+    """The full config of a preset with its official schedule, as a dict (teachers' paths to fill in)."""
+    import inspect
+
+    from .config import ExperimentConfig
+    from .presets import get_preset
+
+    info = get_preset(preset)
+    base = ExperimentConfig(preset="natural").model_dump(mode="json")
+    base.update(preset=preset, run_dir=f"runs/{preset}")
+    base["train"].update(epochs=info.schedule.get("epochs", 100),
+                         milestones=list(info.schedule.get("milestones", [])))
+    params = inspect.signature(info.fn).parameters.values()
+    base["options"] = {p.name: list(p.default) if isinstance(p.default, tuple) else p.default for p in params
+                       if p.kind is p.KEYWORD_ONLY and p.name != "num_classes" and p.default is not None}
+    base["teachers"] = {r: {"model": DEFAULT_TEACHERS[r], "checkpoint": f"runs/{r}_teacher/best.pt"}
+                        for r in info.teachers}
+    return base
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import apply_override, to_toml
+
+    d = preset_config(args.preset)
+    for o in args.set:
+        apply_override(d, o)
+    text = (f"# multiteach config for preset {args.preset!r}; run: multiteach train {args.output or 'THIS.toml'}\n"
+            "# teachers' checkpoints must exist (train them with preset 'natural' / 'sat' / 'trades').\n"
+            + to_toml(d))
+    if args.output:
+        Path(args.output).write_text(text)
+        console.log(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    try:
+        from .plots import plot_run
+    except ImportError:
+        raise UsageError("plotting needs matplotlib: pip install 'multiteach[plot]'") from None
+    for path in plot_run(args.run_dir, args.output):
+        console.log(f"wrote {path}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="multiteach", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a TOML/JSON config")
+    t.add_argument("config")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=0.05")
+    t.add_argument("--force", action="store_true", help="resume even if the config changed")
+    t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in run_dir")
+    t.add_argument("--synthetic", action="store_true", help="toy images instead of CIFAR (smoke runs)")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="the robustness table of a checkpoint on the test set")
+    e.add_argument("checkpoint")
+    e.add_argument("--model", help="timm name (default: the one the checkpoint records)")
+    e.add_argument("--data-dir")
+    e.add_argument("--download", action="store_true")
+    e.add_argument("--root", default="data")
+    e.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"])
+    e.add_argument("--synthetic", action="store_true", help="toy images (smoke runs)")
+    e.add_argument("--n", type=int, help="first n test images (default: all)")
+    e.add_argument("--eps", type=float, default=8 / 255)
+    e.add_argument("--attacks", nargs="+", default=["fgsm", "pgd_sat", "pgd_trades", "cw_inf"])
+    e.add_argument("--autoattack", action="store_true", help="standard AutoAttack (pip install 'multiteach[autoattack]')")
+    e.add_argument("--black-box", action="store_true", help="Square, and transfer attacks if --surrogate is given")
+    e.add_argument("--surrogate", help="checkpoint of the transfer attacks' source model")
+    e.add_argument("--surrogate-model", help="its timm name (default: recorded in it)")
+    e.add_argument("--queries", type=int, default=5000, help="Square's query budget")
+    e.add_argument("--slow-n", type=int, help="AutoAttack and black-box rows on the first n images only")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", help="JSON report (default: CHECKPOINT.eval.json)")
+    e.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("presets", help="list the presets")
+    s.set_defaults(fn=cmd_presets)
+
+    c = sub.add_parser("config", help="write a preset's full config as TOML")
+    c.add_argument("preset")
+    c.add_argument("-o", "--output")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.set_defaults(fn=cmd_config)
+
+    g = sub.add_parser("plot", help="PNGs of L_i(t), w_i(t) and accuracy of a run directory")
+    g.add_argument("run_dir")
+    g.add_argument("-o", "--output", help="folder for the PNGs (default: the run directory)")
+    g.set_defaults(fn=cmd_plot)
+    return p
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: pydantic's errors as 'field: message' pairs."""
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError):
+        parts = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or e.title
+            msg = err["msg"].removeprefix("Value error, ")
+            got = "" if "input" not in err or isinstance(err["input"], dict) else f" (got {err['input']!r})"
+            parts.append(f"{loc}: {msg}{got}")
+        return "invalid configuration: " + "; ".join(parts)
+    text = str(e).strip().splitlines()
+    return " ".join(line.strip() for line in text) if text else type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from .checkpoint import CheckpointError
+    from .trainer import ConfigMismatchError, NonFiniteLossError
+
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except NonFiniteLossError as e:
+        if args.debug:
+            raise
+        console.print(f"[red]error:[/] {escape(one_line(e))}", highlight=False, soft_wrap=True)
+        return EXIT_FAILED
+    except (ValidationError, ValueError, TypeError, FileNotFoundError, CheckpointError, ConfigMismatchError,
+            ImportError, KeyError) as e:
+        if args.debug:
+            raise
+        console.print(f"[red]error:[/] {escape(one_line(e))}", highlight=False, soft_wrap=True)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "one_line", "parser", "preset_config"]

@@ -1,0 +1,158 @@
+"""The `multiteach` command, run as a user runs it: in a subprocess, reading its exit code and stderr."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from multiteach.cli import preset_config
+from multiteach.config import ExperimentConfig, to_toml
+from multiteach.presets import PRESETS
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "multiteach.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=ENV, timeout=300)
+
+
+def small_config(tmp_path: Path, name: str = "run", **train) -> Path:
+    d = preset_config("natural")
+    d["student"]["model"] = "cifar_resnet8"
+    d["options"] = {}
+    d["data"].update(train_size=384, val_size=64)
+    d["train"].update({"epochs": 2, "batch_size": 32, "lr": 0.05, "schedule": "cosine", "milestones": [],
+                       "progress": False, "log_every": 2, **train})
+    d["run_dir"] = str(tmp_path / name)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(to_toml(d))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("cli")
+    r = cli("train", str(small_config(tmp)), "--synthetic")
+    assert r.returncode == 0, r.stderr
+    return tmp / "run"
+
+
+def test_every_preset_writes_a_config_that_validates(tmp_path):
+    for name in PRESETS:
+        d = preset_config(name)
+        for t in d["teachers"].values():  # the written paths are placeholders to fill in
+            t["checkpoint"] = None
+        cfg = ExperimentConfig.model_validate(tomllib.loads(to_toml(d)))
+        assert cfg.preset == name and cfg.train.epochs == PRESETS[name].schedule["epochs"]
+    r = cli("config", "mtard", "-o", str(tmp_path / "m.toml"))
+    assert r.returncode == 0
+    text = (tmp_path / "m.toml").read_text()
+    assert 'preset = "mtard"' in text and "rw = 0.025" in text and "[teachers.adv]" in text
+
+
+def test_presets_lists_each_with_its_description():
+    r = cli("presets")
+    assert r.returncode == 0
+    for name in PRESETS:
+        assert name in r.stdout
+
+
+BAD = [
+    # (what, command-line arguments after the config, part of the one-line message)
+    ("unknown preset", ["--set", "preset=nope"], "unknown preset 'nope'"),
+    ("unknown model", ["--set", "student.model=resnet_nope"], "unknown model 'resnet_nope'"),
+    ("unknown weighter", ["--set", "preset=mtard", "--set", "teachers.adv.model=cifar_resnet8",
+      "--set", "teachers.nat.model=cifar_resnet8", "--set", "options.weighter=nope"], "unknown weighter 'nope'"),
+    ("negative eps", ["--set", "preset=sat", "--set", "options.eps=-0.1"], "eps must be >= 0"),
+    ("zero steps", ["--set", "preset=sat", "--set", "options.steps=0"], "steps must be >= 1"),
+    ("negative lr", ["--set", "train.lr=-0.1"], "train.lr: Input should be greater than 0"),
+    ("wrong type", ["--set", "train.epochs=many"], "train.epochs: Input should be a valid integer"),
+    ("missing data directory", ["--set", "data.data_dir=/no/such/dir"], "data_dir '/no/such/dir' does not exist"),
+    ("CUDA on a CPU machine", ["--set", "train.device=cuda"], "no usable CUDA GPU"),
+    ("unknown key", ["--set", "train.lrr=0.1"], "train.lrr: Extra inputs are not permitted"),
+    ("unknown preset option", ["--set", "options.betta=1"], "preset 'natural': options.betta: Unexpected keyword"),
+]
+
+
+@pytest.mark.parametrize("what,args,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_with_exit_code_2(tmp_path, what, args, message):
+    r = cli("train", str(small_config(tmp_path)), "--synthetic", *args)
+    assert r.returncode == 2, (what, r.stderr)
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_teacher_problems_are_named(tmp_path, trained):
+    cfg = small_config(tmp_path)
+    mtard = ["--set", "preset=mtard", "--set", "teachers.adv.model=cifar_resnet8",
+             "--set", "teachers.nat.model=cifar_resnet8"]
+    missing = cli("train", str(cfg), "--synthetic", "--set", "preset=mtard")
+    assert missing.returncode == 2 and "needs teacher(s) adv, nat" in missing.stderr
+    gone = cli("train", str(cfg), "--synthetic", *mtard, "--set", "teachers.adv.checkpoint=/no/adv.pt",
+               "--set", "teachers.nat.checkpoint=/no/nat.pt")
+    assert gone.returncode == 2 and "checkpoint '/no/adv.pt' not found" in gone.stderr
+    ckpt = str(trained / "best.pt")
+    arch = cli("train", str(cfg), "--synthetic", "--set", "preset=mtard", "--set", "teachers.adv.model=cifar_resnet20",
+               "--set", f"teachers.adv.checkpoint={ckpt}", "--set", "teachers.nat.model=cifar_resnet8",
+               "--set", f"teachers.nat.checkpoint={ckpt}")
+    assert arch.returncode == 2 and "does not fit" in arch.stderr and "another architecture" in arch.stderr
+    classes = cli("train", str(cfg), "--synthetic", *mtard, "--set", f"teachers.adv.checkpoint={ckpt}",
+                  "--set", f"teachers.nat.checkpoint={ckpt}", "--set", "data.dataset=cifar100")
+    assert classes.returncode == 2 and "class count" in classes.stderr, classes.stderr
+
+
+def test_eval_prints_the_table_and_refuses_bad_checkpoints(tmp_path, trained):
+    r = cli("eval", str(trained / "best.pt"), "--synthetic", "--n", "64", "--attacks", "fgsm", "pgd_sat",
+            "--out", str(tmp_path / "e.json"))
+    assert r.returncode == 0, r.stderr
+    assert "pgd_sat" in r.stdout and "worst case" in r.stdout and (tmp_path / "e.json").is_file()
+    wrong = cli("eval", str(trained / "best.pt"), "--synthetic", "--model", "cifar_resnet18", "--n", "8")
+    assert wrong.returncode == 2 and "does not fit" in wrong.stderr
+    torch.save({"student": {}, "hook": os.getcwd}, tmp_path / "evil.pt")  # a pickled callable
+    evil = cli("eval", str(tmp_path / "evil.pt"), "--synthetic", "--model", "cifar_resnet8")
+    assert evil.returncode == 2 and "refused (weights_only=True)" in evil.stderr
+    unknown = cli("eval", str(trained / "best.pt"), "--synthetic", "--attacks", "nope")
+    assert unknown.returncode == 2 and "unknown attack(s) nope" in unknown.stderr
+
+
+def test_plot_writes_non_empty_pngs(tmp_path, trained):
+    r = cli("plot", str(trained), "-o", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    for name in ("losses.png", "weights.png", "accuracy.png"):
+        png = tmp_path / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert cli("plot", str(tmp_path / "nowhere")).returncode == 2
+
+
+def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """A pre-empted node: SIGTERM during epoch 2 writes a checkpoint (exit 3); the same command finishes the
+    run with the same final weights as a run never interrupted."""
+    whole = small_config(tmp_path, "whole", epochs=3, log_every=1)
+    assert cli("train", str(whole), "--synthetic").returncode == 0
+    cut = small_config(tmp_path, "cut", epochs=3, log_every=1)
+    cmd = [sys.executable, "-m", "multiteach.cli", "train", str(cut), "--synthetic"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.is_file() or '"epoch": 2' not in metrics.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert "run the same command again to resume" in err
+    state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert state["epoch"] < 3
+    again = cli("train", str(cut), "--synthetic")
+    assert again.returncode == 0, again.stderr
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["student"]
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["student"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
