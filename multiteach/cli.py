@@ -143,7 +143,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_TEACHERS = {"adv": "cifar_wrn34_10", "nat": "cifar_resnet56"}
+DEFAULT_TEACHERS = {"adv": "cifar_wrn34_10", "nat": "cifar_resnet56", "l2": "cifar_resnet18"}
 
 
 def preset_config(preset: str) -> dict[str, Any]:
@@ -218,7 +218,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, help="first n test images (default: all)")
     e.add_argument("--eps", type=float, default=8 / 255)
     e.add_argument("--attacks", nargs="+", default=["fgsm", "pgd_sat", "pgd_trades", "cw_inf"])
-    e.add_argument("--autoattack", action="store_true", help="standard AutoAttack (pip install 'multiteach[autoattack]')")
+    e.add_argument("--autoattack", action="store_true",
+                   help="standard AutoAttack (pip install 'multiteach[autoattack]')")
     e.add_argument("--black-box", action="store_true", help="Square, and transfer attacks if --surrogate is given")
     e.add_argument("--surrogate", help="checkpoint of the transfer attacks' source model")
     e.add_argument("--surrogate-model", help="its timm name (default: recorded in it)")

@@ -8,7 +8,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 

@@ -76,9 +76,12 @@ def natural(student: ModelLike = "cifar_resnet18", *, num_classes: int = 10, lab
 
 @register("sat", "PGD adversarial training, Madry et al. 2018 (SAT / PGD-AT)", epochs=200, milestones=(100, 150))
 def sat(student: ModelLike = "cifar_resnet18", *, num_classes: int = 10, eps: float = 8 / 255,
-        alpha: float = 2 / 255, steps: int = 10, start: str = "uniform", bn_mode: str = "eval") -> Recipe:
-    """CE(S(x_adv), y), x_adv = PGD-10 (step 2/255, uniform start) against the student in eval mode."""
-    pgd = PGD(eps=eps, alpha=alpha, steps=steps, start=start, bn_mode=bn_mode)
+        alpha: float = 2 / 255, steps: int = 10, start: str = "uniform", bn_mode: str = "eval",
+        norm: str = "Linf") -> Recipe:
+    """CE(S(x_adv), y), x_adv = PGD-10 (step 2/255, uniform start) against the student in eval mode, as in
+    the MTARD/RSLAD comparison (Madry et al. train in train mode with step 2/255 too; ``bn_mode`` picks).
+    ``norm="L2"`` (e.g. eps 0.5, alpha 0.1) trains an L2-robust model."""
+    pgd = PGD(eps=eps, alpha=alpha, steps=steps, start=start, bn_mode=bn_mode, norm=norm)
     return Recipe(as_student(student, num_classes), [Branch(pgd, CrossEntropy(), name="adv_ce")], name="sat")
 
 
@@ -197,6 +200,23 @@ PRESETS["baseline_mt_anl"] = PresetInfo(mtard, "Fig. 2 ablation 'Baseline+MT+ANL
                                         PRESETS["mtard"].schedule)
 
 
+@register("mtard3", "MTARD with a third, L2-robust teacher on L2-PGD inputs (N = 3), ANL over three losses",
+          ("adv", "nat", "l2"), epochs=300, milestones=(215, 260, 285))
+def mtard3(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None = None,
+           nat_teacher: ModelLike | None = None, l2_teacher: ModelLike | None = None, *, num_classes: int = 10,
+           eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, l2_eps: float = 0.5,
+           l2_alpha: float = 0.1, beta: float = 1.0, rw: float = 0.025, weighter: str = "anl") -> Recipe:
+    """MTARD's two branches plus KL(T_l2(x_l2) || S(x_l2)), x_l2 an L2 PGD example (eps 0.5, step 0.1) against
+    the student: robustness to a second threat model from a teacher trained for it; ANL(3) balances them."""
+    adv = as_teacher(adv_teacher, num_classes, "adv")
+    nat = as_teacher(nat_teacher, num_classes, "nat")
+    l2 = as_teacher(l2_teacher, num_classes, "l2")
+    branches = _two_teacher_branches(adv, nat, eps, alpha, steps, 1.0, "mean")
+    branches.append(Branch(training_pgd(l2_eps, l2_alpha, steps, norm="L2"), KLDistill(), teacher=l2, name="l2"))
+    w = ANL(3, beta, rw) if weighter == "anl" else make_weighter(weighter, 3)
+    return Recipe(as_student(student, num_classes), branches, w, name="mtard3")
+
+
 def multi_teacher(student: ModelLike, teachers: Sequence[tuple[InputTransform, ModelLike]],
                   weighter: Weighter | None = None, *, num_classes: int = 10, temperature: float = 1.0,
                   reduction: Reduction = "mean") -> Recipe:
@@ -210,4 +230,4 @@ def multi_teacher(student: ModelLike, teachers: Sequence[tuple[InputTransform, M
 
 
 __all__ = ["PRESETS", "Branch", "PresetInfo", "ard", "baseline", "baseline_mt", "bmtard", "get_preset",
-           "mtard", "multi_teacher", "natural", "rslad", "sat", "trades", "training_pgd"]
+           "mtard", "mtard3", "multi_teacher", "natural", "rslad", "sat", "trades", "training_pgd"]

@@ -1,0 +1,88 @@
+"""Multi-stage runs (teachers, then students): a stage cache keyed by recipe and seed, and the final table.
+
+A teacher is trained once: ``train_cached`` files each finished run under ``cache_dir/<preset>-<model>-seed<s>-
+<digest>``, the digest hashing everything that shapes training (preset and options, model, data, schedule,
+seed), and returns its ``best.pt`` without training when that entry is complete. An unfinished entry resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from .build import Splits, build_trainer, eval_tensors
+from .config import ExperimentConfig
+from .distributed import DistContext
+from .evaluate import Report, evaluate
+
+DONE = "done.json"
+
+
+class StageStopped(RuntimeError):
+    """A stage was interrupted (SIGINT/SIGTERM) after writing its checkpoint."""
+
+
+def cache_entry(cfg: ExperimentConfig, cache_dir: str | Path) -> Path:
+    """The cache folder of a run: the same recipe, model, data, schedule and seed give the same folder."""
+    return Path(cache_dir) / f"{cfg.preset}-{cfg.student.model}-seed{cfg.train.seed}-{cfg.digest()}"
+
+
+def train_stage(cfg: ExperimentConfig, splits: Splits | None = None, *, console: Console | None = None,
+                dist: DistContext | None = None) -> Path:
+    """Train (or resume, or skip if finished) the run ``cfg.run_dir``; returns its validation-selected best.pt."""
+    run_dir = Path(cfg.run_dir)
+    done = run_dir / DONE
+    if done.is_file():
+        if console is not None:
+            console.log(f"{run_dir}: finished earlier ({json.loads(done.read_text()).get('best')}), skipped")
+        return run_dir / "best.pt"
+    t0 = time.perf_counter()
+    result = build_trainer(cfg, console=console, splits=splits, dist=dist).fit(resume=True)
+    if not result.status == "finished":
+        raise StageStopped(f"{run_dir}: {result.status}; run the same command again to resume")
+    if dist is None or dist.is_main:
+        done.write_text(json.dumps({"best": result.best, "epochs": result.epoch,
+                                    "seconds_this_call": time.perf_counter() - t0}, indent=2))
+    if console is not None:
+        console.log(f"[bold]{run_dir}[/]: {result.epoch} epochs, best on validation {result.best} "
+                    f"({time.perf_counter() - t0:.0f} s this call)")
+    return run_dir / "best.pt"
+
+
+def train_cached(cfg: ExperimentConfig, cache_dir: str | Path, splits: Splits | None = None, **kwargs: Any) -> Path:
+    """``train_stage`` in the cache entry of ``cfg`` (its own ``run_dir`` is ignored)."""
+    entry = cache_entry(cfg, cache_dir)
+    return train_stage(cfg.model_copy(update={"run_dir": str(entry)}), splits, **kwargs)
+
+
+def evaluate_checkpoint(model_name: str, checkpoint: str | Path, splits: Splits, attacks: dict[str, Any],
+                        device: str, n: int | None = None, subsets: dict[str, int] | None = None) -> Report:
+    """The robustness table of a checkpoint on the first ``n`` test images (fp32, eval mode)."""
+    from .checkpoint import load_weights
+    from .teachers import create_model
+
+    net = create_model(model_name, num_classes=splits.num_classes)
+    load_weights(net, checkpoint)
+    x, y = eval_tensors(splits, n)
+    report = evaluate(net.to(device), x, y, attacks, device=device, subsets=subsets)
+    report.meta.update(model=model_name, checkpoint=str(checkpoint))
+    return report
+
+
+
+
+def stage_config(preset: str, model: str, data: Any, run_dir: str | Path, *, options: dict | None = None,
+                 teachers: dict[str, tuple[str, str | Path]] | None = None, **train: Any) -> ExperimentConfig:
+    """An ``ExperimentConfig`` for one stage: ``teachers`` maps a role to (timm name, checkpoint)."""
+    return ExperimentConfig(
+        preset=preset, options=options or {}, student={"model": model}, data=data, train=train,
+        teachers={role: {"model": m, "checkpoint": str(c)} for role, (m, c) in (teachers or {}).items()},
+        run_dir=str(run_dir),
+    )
+
+
+__all__ = ["StageStopped", "cache_entry", "evaluate_checkpoint", "stage_config", "train_cached", "train_stage"]
