@@ -140,6 +140,10 @@ class Recipe(nn.Module):
                 student_out[key] = model(input_of(t))
             return student_out[key]
 
+        for b in self.branches:  # every attack first, as the official scripts do: the student's training
+            input_of(b.transform)  # forwards below update its BN statistics, which eval-mode attacks read
+            if b.teacher_input is not None:
+                input_of(b.teacher_input)
         outs, targets, tidx = [], [], []
         for b in self.branches:
             outs.append(student_logits(b.transform))
