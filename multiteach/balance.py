@@ -11,6 +11,8 @@ H_k is the mean entropy of softmax(teacher_k / T_k). For two teachers this is th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -33,13 +35,16 @@ class EntropyBalance(nn.Module):
         if self.follow_lr:
             self.rate_scale = ratio
 
-    def forward(self, targets: list[Tensor]) -> list[Tensor]:
-        """Soften each teacher's logits by its temperature, then move the temperatures."""
+    def forward(self, targets: list[Tensor], sync: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
+        """Soften each teacher's logits by its temperature, then move the temperatures (``sync``: the
+        distributed mean, so every rank moves them alike)."""
         if len(targets) != self.n:
             raise ValueError(f"EntropyBalance was built for {self.n} teachers, the recipe has {len(targets)}")
         temps = self.temperatures.to(targets[0].device)
         soft = [t.float() / temps[k] for k, t in enumerate(targets)]
         h = torch.stack([entropy(s) for s in soft])
+        if sync is not None:
+            h = sync(h)
         others = (h.sum() - h) / (self.n - 1)
         step = self.lr * self.rate_scale * torch.sign(h / others - 1.0)
         self.temperatures.copy_((temps - step).clamp(self.t_min, self.t_max))

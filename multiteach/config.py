@@ -35,6 +35,8 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool | None = Field(None, description="default: on for CUDA")
     compile: bool = False
+    sync_bn: bool = Field(False, description="distributed: SyncBatchNorm in the student (batch statistics "
+                                             "over the global batch)")
     fast: bool = Field(True, description="CUDA only: BN-folded bf16 teachers, CUDA-graph attacks and teachers")
     device: str = "auto"
     seed: int = 0

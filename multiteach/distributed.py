@@ -6,13 +6,26 @@ rank all-reduces the per-branch losses before the weighter, so all ranks compute
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+
+class LostRankError(RuntimeError):
+    """A collective failed: another rank died, was killed, or did not answer within the timeout."""
+
+
+def _is_comm_error(e: BaseException) -> bool:
+    if isinstance(e, getattr(dist, "DistBackendError", ())) or isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e).lower()
+    return any(k in text for k in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
 
 
 @dataclass
@@ -30,8 +43,13 @@ class DistContext:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, backend: str | None = None, timeout_s: float = 600.0) -> DistContext:
-        """Join the process group torchrun describes; a single process when WORLD_SIZE is unset or 1."""
+    def from_env(cls, backend: str | None = None, timeout_s: float | None = None) -> DistContext:
+        """Join the process group torchrun describes; a single process when WORLD_SIZE is unset or 1.
+
+        ``timeout_s`` (default: $MULTITEACH_DIST_TIMEOUT or 600) bounds how long a rank waits for the others
+        in a collective before it fails instead of hanging."""
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("MULTITEACH_DIST_TIMEOUT", "600"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
@@ -90,9 +108,24 @@ class DistContext:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                 p.grad /= self.world
 
+    @contextlib.contextmanager
+    def lost_rank_guard(self) -> Iterator[None]:
+        """Turn a collective that failed because another rank died or timed out into one clear error."""
+        try:
+            yield
+        except RuntimeError as e:
+            if not self.enabled or not _is_comm_error(e):
+                raise
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise LostRankError(
+                f"rank {self.rank}/{self.world}: lost contact with the other ranks ({first}). Another rank "
+                "failed or was killed: read its log; the last checkpoint is kept, so rerun the same "
+                "command to resume"
+            ) from e
+
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
-__all__ = ["DistContext"]
+__all__ = ["DistContext", "LostRankError"]

@@ -87,6 +87,7 @@ class Recipe(nn.Module):
         self.balance = balance
         self.name = name
         self.runners: dict[int, Callable[..., Tensor]] = {}  # id(transform or teacher) -> faster stand-in
+        self.loss_sync: Callable[[Tensor], Tensor] | None = None  # distributed: all-reduce mean over ranks
         teachers: list[nn.Module] = []
         extra = [t.model for b in self.branches for t in (b.transform, b.teacher_input) if t is not None]
         extra += [b.transform.reference for b in self.branches]
@@ -156,16 +157,17 @@ class Recipe(nn.Module):
             else:
                 targets.append(None)
         if self.balance is not None:
-            for i, soft in zip(tidx, self.balance([targets[i] for i in tidx])):
+            for i, soft in zip(tidx, self.balance([targets[i] for i in tidx], sync=self.loss_sync)):
                 targets[i] = soft
         losses = torch.stack([b.loss(s, q, y).float() for b, s, q in zip(self.branches, outs, targets)])
         observed = self.sync_losses(losses.detach())
         total, weights = self.weighter.combine(losses, observed)
-        return StepOutput(total, losses.detach(), weights)
+        return StepOutput(total, observed, weights)
 
     def sync_losses(self, losses: Tensor) -> Tensor:
-        """The losses the weighter sees; distributed training replaces this with an all-reduce mean."""
-        return losses
+        """The losses the weighter sees (and the logs show): under DDP their mean over ranks, i.e. the
+        global batch's losses, so every rank computes the same weights."""
+        return losses if self.loss_sync is None else self.loss_sync(losses)
 
     def on_lr(self, ratio: float) -> None:
         """Tell schedule-following components the current lr / base_lr."""

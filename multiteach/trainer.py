@@ -96,6 +96,7 @@ class Trainer:
         self.precision = resolve_precision(self.cfg.precision, self.device)
         self.channels_last = self.cfg.channels_last if self.cfg.channels_last is not None \
             else self.device.type == "cuda"
+        sync_bn = sync_bn or self.cfg.sync_bn
         if sync_bn and self.dist.enabled:
             recipe.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(recipe.student)
         recipe.to(self.device)
@@ -106,6 +107,8 @@ class Trainer:
         if self.cfg.fast and self.device.type == "cuda":
             accelerate(recipe, self.precision, graphs=not sync_bn, compile=self.cfg.compile)
         self.train_model = self.dist.wrap(recipe.student)
+        if self.dist.enabled:
+            recipe.loss_sync = self.dist.mean  # the weighter sees the global batch's losses on every rank
         if self.cfg.compile:
             self.train_model = torch.compile(self.train_model)
         student_params, extra_params = recipe.trainable_parameters()
@@ -280,7 +283,7 @@ class Trainer:
             (self.run_dir / "run.json").write_text(json.dumps(info, indent=2))
         self._open_tensorboard()
         status = "finished"
-        with stop_on_signals() as stop, self._progress() as progress:
+        with stop_on_signals() as stop, self._progress() as progress, self.dist.lost_rank_guard():
             while self.epoch < self.cfg.epochs:
                 if not self._run_epoch(stop, progress):
                     status = f"interrupted ({stop.name or 'signal on another rank'})"

@@ -1,0 +1,121 @@
+"""DDP on CPU with the gloo backend and 2 processes, as torchrun would start them."""
+
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from torch import nn
+
+import multiteach as mt
+from multiteach.data import TensorLoader, synthetic
+from multiteach.distributed import DistContext
+from tests.conftest import tiny_net
+
+pytestmark = pytest.mark.skipif(not tdist.is_available(), reason="torch.distributed not built")
+
+GLOBAL_BATCH, STEPS = 32, 6
+
+
+class RecordingANL(mt.ANL):
+    """ANL that remembers every weight vector it produced (to compare ranks)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.history: list[list[float]] = []
+
+    def update(self, losses):
+        w = super().update(losses)
+        self.history.append(w.tolist())
+        return w
+
+
+def no_bn_student() -> nn.Module:
+    """Without BatchNorm, 2 ranks x 16 images compute exactly what 1 process x 32 images computes."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Conv2d(8, 16, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+def make_recipe() -> mt.Recipe:
+    adv, nat = mt.Teacher(tiny_net(seed=2)), mt.Teacher(tiny_net(seed=3))
+    branches = [mt.Branch(mt.PGD(steps=2, start="none"), mt.KLDistill(), teacher=adv, name="adv"),
+                mt.Branch(mt.Clean(), mt.KLDistill(), teacher=nat, name="nat")]
+    return mt.Recipe(no_bn_student(), branches, RecordingANL(2, rw=0.5))
+
+
+def train(rank: int, world: int, out: Path, fail_rank: int | None = None) -> None:
+    dist = DistContext.from_env(backend="gloo", timeout_s=20) if world > 1 else DistContext()
+    recipe = make_recipe()
+    if fail_rank == rank:
+        original = recipe.forward
+
+        def dying(*a, **k):
+            if len(recipe.weighter.history) == 3:
+                os._exit(0)  # a node that disappears mid-run, without a word or an error code
+            return original(*a, **k)
+
+        recipe.forward = dying
+    loader = TensorLoader(synthetic(GLOBAL_BATCH * STEPS, seed=0), GLOBAL_BATCH // world, shuffle=True,
+                          augment=True, drop_last=True, seed=0, rank=rank, world=world)
+    cfg = mt.TrainConfig(epochs=1, batch_size=GLOBAL_BATCH // world, lr=0.05, schedule="constant", milestones=[],
+                         progress=False, eval_every=0, log_every=1)
+    mt.Trainer(recipe, loader, cfg, dist=dist, run_dir=out / f"world{world}").fit()
+    torch.save({"w": recipe.weighter.history, "student": recipe.student.state_dict()},
+               out / f"world{world}_rank{rank}.pt")
+    dist.close()
+
+
+def _entry(rank: int, world: int, port: int, out: str, fail_rank: int | None) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        train(rank, world, Path(out), fail_rank)
+    except Exception as e:  # keep the message for the parent
+        Path(out, f"error_rank{rank}.txt").write_text(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        raise
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(out: Path, fail_rank: int | None = None) -> None:
+    mp.spawn(_entry, args=(2, free_port(), str(out), fail_rank), nprocs=2, join=True)
+
+
+def test_two_ranks_agree_and_match_one_process_on_the_global_batch(tmp_path):
+    train(0, 1, tmp_path)
+    spawn(tmp_path)
+    one = torch.load(tmp_path / "world1_rank0.pt", weights_only=True)
+    r0 = torch.load(tmp_path / "world2_rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "world2_rank1.pt", weights_only=True)
+    assert len(r0["w"]) == STEPS and r0["w"] == r1["w"]  # bit-identical ANL weights on both ranks
+    assert r0["w"][-1] != r0["w"][0]  # and they did move
+    torch.testing.assert_close(torch.tensor(r0["w"]), torch.tensor(one["w"]), rtol=1e-5, atol=1e-6)
+    for k, v in one["student"].items():
+        torch.testing.assert_close(r0["student"][k], r1["student"][k], rtol=0, atol=0)
+        torch.testing.assert_close(r0["student"][k], v, rtol=1e-4, atol=1e-5)
+    # the logs (rank 0 only) show the global batch's losses: the same trace as the single process
+    import json
+
+    def trace(world):
+        lines = (tmp_path / f"world{world}" / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["L"] for line in lines if '"step"' in line]
+
+    torch.testing.assert_close(torch.tensor(trace(2)), torch.tensor(trace(1)), rtol=1e-4, atol=1e-6)
+    assert not (tmp_path / "world2_rank1").exists()
+
+
+def test_a_dead_rank_ends_the_job_with_a_clear_error(tmp_path):
+    with pytest.raises(mp.ProcessRaisedException, match="lost contact with the other ranks"):
+        spawn(tmp_path, fail_rank=1)  # rank 0 must fail within the timeout (20 s), not hang
+    err = (tmp_path / "error_rank0.txt").read_text()
+    assert "LostRankError" in err and "lost contact with the other ranks" in err
