@@ -15,6 +15,7 @@ never on the test set.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 from pathlib import Path
@@ -113,8 +114,10 @@ class Pipeline:
         spec, a = self.plan["student"], self.args
         model = a.student or spec["model"]
         t0 = time.perf_counter()
+        accepted = inspect.signature(get_preset(preset).fn).parameters  # the plan's attack steps, where taken
+        plan_options = {k: v for k, v in spec["options"].items() if k in accepted}
         cfg = stage_config(preset, model, self.data, Path(a.run_dir) / preset,
-                           options={**spec["options"], **(options or {})}, teachers=teachers,
+                           options={**plan_options, **(options or {})}, teachers=teachers,
                            **self._train(epochs=a.epochs or spec["epochs"], compile=a.compile))
         best = train_stage(cfg, self.splits, console=console, dist=self.dist)
         self.timings[f"{preset}_s"] = time.perf_counter() - t0

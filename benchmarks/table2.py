@@ -1,0 +1,74 @@
+"""The MTARD paper's Table 2 layout: defenses trained under one budget from the same teachers, one table.
+
+    python benchmarks/table2.py --data-dir DIR                        # GPU: the FULL plan of mtard_cifar.py
+    python benchmarks/table2.py --data-dir DIR --tiny --eval-n 100    # CPU: shows that it runs
+    python benchmarks/table2.py --data-dir DIR --defenses sat rslad mtard --ablations
+
+Natural, SAT and TRADES train the student directly; ARD, RSLAD and MTARD (and the Fig. 2 ablations with
+--ablations) distil from the cached teachers of examples/mtard_cifar.py (trained once, reused). Every
+student gets the same epochs, batch, schedule and seed, is selected on the validation split, and is
+evaluated by the same suite (fp32, eval mode). Writes table2.json in --run-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+
+from mtard_cifar import Pipeline, add_arguments  # noqa: E402
+
+from multiteach.presets import get_preset  # noqa: E402
+
+DEFENSES = ["natural", "sat", "trades", "ard", "rslad", "mtard"]
+ABLATIONS = ["baseline", "baseline_mt"]  # baseline_mt_anl is mtard
+COLUMNS = [("fgsm", "FGSM"), ("pgd_sat", "PGD_SAT"), ("pgd_trades", "PGD_TRADES"), ("cw_inf", "CW_inf"),
+           ("autoattack", "AA")]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.add_argument("--defenses", nargs="+", default=DEFENSES)
+    p.add_argument("--ablations", action="store_true", help="add the Fig. 2 ablations (baseline, baseline_mt)")
+    args = p.parse_args(argv)
+    if args.run_dir == "runs/mtard_cifar":
+        args.run_dir = "runs/table2"
+    run = Pipeline(args)
+    teachers = {"nat": run.teacher("nat"), "adv": run.teacher("adv")}
+    results = {}
+    for preset in args.defenses + (ABLATIONS if args.ablations else []):
+        need = get_preset(preset).teachers
+        best = run.student(preset, {k: v for k, v in teachers.items() if k in need})
+        if run.dist.is_main:
+            results[preset] = run.table(preset, best, surrogate=teachers["adv"])
+    if not run.dist.is_main:
+        return {}
+    table = Table(title="Table 2 layout: robust / W-Robust (%) per attack, L-inf eps 8/255 "
+                        f"(n = {next(iter(results.values()))['n']})")
+    table.add_column("defense")
+    table.add_column("clean", justify="right")
+    present = [(k, name) for k, name in COLUMNS if any(k in {r["attack"] for r in v["rows"]} for v in results.values())]
+    for _, name in present:
+        table.add_column(name, justify="right")
+    for preset, rep in results.items():
+        rows = {r["attack"]: r for r in rep["rows"]}
+        clean = next(iter(rows.values()))["clean"] if rows else 0.0
+        table.add_row(preset, f"{100 * clean:.2f}", *(
+            f"{100 * rows[k]['robust']:.2f} / {100 * rows[k]['w_robust']:.2f}" if k in rows else "-"
+            for k, _ in present))
+    Console().print(table)
+    out = Path(args.run_dir) / "table2.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"results": results, "timings": run.timings}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
