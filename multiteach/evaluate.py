@@ -142,7 +142,7 @@ class Report:
         for col in ("attack", "clean %", "robust %", "W-Robust %", "s", "settings"):
             t.add_column(col, justify="left" if col in ("attack", "settings") else "right")
         for r in self.rows + ([self.worst] if self.worst else []):
-            note = f" [first {r.n} images]" if r.n and r.n != self.n else ""
+            note = f" (first {r.n} images)" if r.n and r.n != self.n else ""
             t.add_row(r.attack, f"{100 * r.clean:.2f}", f"{100 * r.robust:.2f}", f"{100 * r.w_robust:.2f}",
                       f"{r.seconds:.1f}", r.settings + note)
         return t
