@@ -36,15 +36,21 @@ def _load_experiment(path: str, overrides: list[str]) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .build import build_trainer
+    from .distributed import DistContext
 
     cfg = _load_experiment(args.config, args.set)
-    trainer = build_trainer(cfg, console=console, synthetic_data=args.synthetic)
-    result = trainer.fit(resume=not args.restart, force=args.force)
+    dist = DistContext.from_env()  # torchrun sets WORLD_SIZE/RANK; a single process otherwise
+    try:
+        trainer = build_trainer(cfg, console=console, synthetic_data=args.synthetic, dist=dist)
+        result = trainer.fit(resume=not args.restart, force=args.force)
+    finally:
+        dist.close()
     if result.status.startswith("interrupted"):
         console.print(f"stopped at epoch {result.epoch}; checkpoint in {cfg.run_dir}/last.pt: "
                       "run the same command again to resume")
         return EXIT_STOPPED
-    _summary(cfg, result)
+    if dist.is_main:
+        _summary(cfg, result)
     return 0
 
 

@@ -97,7 +97,7 @@ class DistContext:
         if sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=True)
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)  # BN buffers from rank 0
 
     def sync_grads(self, params: list[nn.Parameter]) -> None:
         """All-reduce (mean) gradients of trainable parameters outside the DDP module (e.g. UW's)."""

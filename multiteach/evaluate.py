@@ -207,19 +207,19 @@ def clean_and_pgd(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], ste
                   eps: float = 8 / 255, dist: Any = None) -> dict[str, float]:
     """The training hook's check: clean and PGD_SAT-``steps`` accuracy over a loader (all ranks summed)."""
     attack = PGD(eps, 2 / 255, steps, start="uniform")
-    counts = None
+    counts = torch.zeros(3, dtype=torch.float64)
     for xb, yb in loader:
-        c = correct_mask(model, xb, yb, None, len(yb), xb.device).sum()
-        r = correct_mask(model, xb, yb, attack, len(yb), xb.device).sum()
-        batch = torch.stack([c, r, torch.tensor(len(yb))]).double()
-        counts = batch if counts is None else counts + batch
-    if counts is None:
-        return {}
-    if dist is not None and dist.enabled:
+        if len(yb):  # a rank's share of the last global batch can be empty
+            c = correct_mask(model, xb, yb, None, len(yb), xb.device).sum()
+            r = correct_mask(model, xb, yb, attack, len(yb), xb.device).sum()
+            counts += torch.tensor([c.item(), r.item(), len(yb)], dtype=torch.float64)
+    if dist is not None and dist.enabled:  # every rank takes part, whatever its share
         device = next(model.parameters()).device
         counts = dist.sum(counts.to(device)).cpu()
     c, r, n = counts.tolist()
-    return {"clean": c / max(n, 1), "robust": r / max(n, 1)}
+    if n == 0:
+        return {}
+    return {"clean": c / n, "robust": r / n}
 
 
 def eps_sweep(model: nn.Module, x: Tensor, y: Tensor, eps_values: Iterable[float], steps: int = 20,

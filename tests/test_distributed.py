@@ -1,7 +1,10 @@
 """DDP on CPU with the gloo backend and 2 processes, as torchrun would start them."""
 
+import json
 import os
+import shutil
 import socket
+import subprocess
 import traceback
 from pathlib import Path
 
@@ -104,8 +107,6 @@ def test_two_ranks_agree_and_match_one_process_on_the_global_batch(tmp_path):
         torch.testing.assert_close(r0["student"][k], r1["student"][k], rtol=0, atol=0)
         torch.testing.assert_close(r0["student"][k], v, rtol=1e-4, atol=1e-5)
     # the logs (rank 0 only) show the global batch's losses: the same trace as the single process
-    import json
-
     def trace(world):
         lines = (tmp_path / f"world{world}" / "metrics.jsonl").read_text().splitlines()
         return [json.loads(line)["L"] for line in lines if '"step"' in line]
@@ -119,3 +120,28 @@ def test_a_dead_rank_ends_the_job_with_a_clear_error(tmp_path):
         spawn(tmp_path, fail_rank=1)  # rank 0 must fail within the timeout (20 s), not hang
     err = (tmp_path / "error_rank0.txt").read_text()
     assert "LostRankError" in err and "lost contact with the other ranks" in err
+
+
+def test_torchrun_launches_the_cli_and_resumes_under_ddp(tmp_path):
+    """The README's launch line on the CPU: 2 gloo processes, rank 0 alone writes; a longer schedule
+    resumes from the DDP run's checkpoint."""
+    from tests.test_cli import ENV, small_config
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    cfg = small_config(tmp_path, "ddp", batch_size=16)
+
+    def launch(*extra):
+        cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "multiteach.cli", "train", str(cfg),
+               "--synthetic", *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+    r = launch()
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["experiment"]["config"]["train"]["batch_size"] == 16
+    r = launch("--set", "train.epochs=3", "--force")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stderr
+    assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["epoch"] == 3
