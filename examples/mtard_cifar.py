@@ -26,9 +26,10 @@ from rich.console import Console
 from multiteach.build import load_splits
 from multiteach.config import DataConfig
 from multiteach.distributed import DistContext
-from multiteach.evaluate import AutoAttack, black_box_attacks, standard_attacks
+from multiteach.evaluate import AutoAttack, black_box_attacks, slow_subsets, standard_attacks
 from multiteach.pipeline import evaluate_checkpoint, stage_config, train_cached, train_stage
 from multiteach.presets import get_preset
+from multiteach.teachers import load_model
 
 console = Console(stderr=True)
 
@@ -133,20 +134,12 @@ class Pipeline:
         if a.autoattack:
             attacks["autoattack"] = AutoAttack()
         if a.black_box:
-            net = None
-            if surrogate is not None:
-                from multiteach.checkpoint import load_weights
-                from multiteach.teachers import create_model
-
-                net = create_model(surrogate[0], num_classes=self.splits.num_classes)
-                load_weights(net, surrogate[1])
-                net.to(device)
+            net = load_model(*surrogate, self.splits.num_classes).to(device) if surrogate else None
             attacks.update(black_box_attacks(net))
-        slow = {k: a.slow_n for k in ("autoattack", "transfer_pgd", "transfer_cw", "square")} if a.slow_n else None
         t0 = time.perf_counter()
         model = a.student or self.plan["student"]["model"]
         report = evaluate_checkpoint(model, best, self.splits, attacks, device, a.eval_n or self.plan["eval_n"],
-                                     slow)
+                                     slow_subsets(a.slow_n))
         self.timings[f"{preset}_eval_s"] = time.perf_counter() - t0
         report.meta.update(timings=self.timings, data=a.data_dir or "torchvision", preset=preset)
         console.print(report.table(f"{preset} student ({model})"))

@@ -82,11 +82,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .build import eval_tensors, load_splits
-    from .checkpoint import load_weights
     from .config import DataConfig, EvalConfig, ModelConfig
-    from .evaluate import AutoAttack, black_box_attacks, evaluate, standard_attacks
+    from .evaluate import AutoAttack, black_box_attacks, evaluate, slow_subsets, standard_attacks
     from .runtime import resolve_device
-    from .teachers import create_model
+    from .teachers import load_model
 
     ModelConfig(model=args.model or "unknown", checkpoint=args.checkpoint)  # checks the path
     model_name = args.model or _model_of(args.checkpoint)
@@ -98,9 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       val_size=0)
     splits = load_splits(data, synthetic_data=args.synthetic)
     device = resolve_device(args.device)
-    net = create_model(model_name, num_classes=splits.num_classes)
-    load_weights(net, args.checkpoint)
-    net.to(device)
+    net = load_model(model_name, args.checkpoint, splits.num_classes).to(device)
     known = standard_attacks(ecfg.eps)
     unknown = [a for a in ecfg.attacks if a not in known]
     if unknown:
@@ -114,15 +111,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             s_name = args.surrogate_model or _model_of(args.surrogate)
             if s_name is None:
                 raise UsageError(f"{args.surrogate} records no model name: pass --surrogate-model TIMM_NAME")
-            surrogate = create_model(s_name, num_classes=splits.num_classes)
-            load_weights(surrogate, args.surrogate)
-            surrogate.to(device)
+            surrogate = load_model(s_name, args.surrogate, splits.num_classes).to(device)
         attacks.update(black_box_attacks(surrogate, ecfg.eps, ecfg.square_queries))
     x, y = eval_tensors(splits, ecfg.n)
-    slow = {k: args.slow_n for k in ("autoattack", "transfer_pgd", "transfer_cw", "square")} if args.slow_n else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
-        report = evaluate(net, x, y, attacks, batch_size=ecfg.batch_size, device=device, subsets=slow,
+        report = evaluate(net, x, y, attacks, batch_size=ecfg.batch_size, device=device,
+                          subsets=slow_subsets(args.slow_n),
                           on_row=lambda r: console.log(f"{r.attack}: robust {100 * r.robust:.2f}% ({r.seconds:.1f} s)"))
     report.meta.update(checkpoint=args.checkpoint, model=model_name, device=str(device),
                        data=args.data_dir or "torchvision", eps=ecfg.eps)

@@ -96,6 +96,14 @@ class Transfer:
         return f"from {type(self.surrogate).__name__}: {inner}"
 
 
+SLOW_ROWS = ("autoattack", "transfer_pgd", "transfer_cw", "square")
+
+
+def slow_subsets(n: int | None) -> dict[str, int] | None:
+    """``evaluate(subsets=...)`` running the slow rows (AutoAttack, black-box) on the first ``n`` images."""
+    return {k: n for k in SLOW_ROWS} if n else None
+
+
 def black_box_attacks(surrogate: nn.Module | None, eps: float = 8 / 255, queries: int = 5000) -> dict[str, Attack]:
     """Table 4: transfer PGD-20 and CW-inf from a surrogate, and the Square attack."""
     white = standard_attacks(eps)
@@ -232,5 +240,5 @@ def eps_sweep(model: nn.Module, x: Tensor, y: Tensor, eps_values: Iterable[float
     return out
 
 
-__all__ = ["AutoAttack", "Report", "Row", "Square", "Transfer", "black_box_attacks", "clean_and_pgd",
-           "correct_mask", "describe", "eps_sweep", "evaluate", "standard_attacks"]
+__all__ = ["SLOW_ROWS", "AutoAttack", "Report", "Row", "Square", "Transfer", "black_box_attacks", "clean_and_pgd",
+           "correct_mask", "describe", "eps_sweep", "evaluate", "slow_subsets", "standard_attacks"]

@@ -62,11 +62,9 @@ def train_cached(cfg: ExperimentConfig, cache_dir: str | Path, splits: Splits | 
 def evaluate_checkpoint(model_name: str, checkpoint: str | Path, splits: Splits, attacks: dict[str, Any],
                         device: str, n: int | None = None, subsets: dict[str, int] | None = None) -> Report:
     """The robustness table of a checkpoint on the first ``n`` test images (fp32, eval mode)."""
-    from .checkpoint import load_weights
-    from .teachers import create_model
+    from .teachers import load_model
 
-    net = create_model(model_name, num_classes=splits.num_classes)
-    load_weights(net, checkpoint)
+    net = load_model(model_name, checkpoint, splits.num_classes)
     x, y = eval_tensors(splits, n)
     report = evaluate(net.to(device), x, y, attacks, device=device, subsets=subsets)
     report.meta.update(model=model_name, checkpoint=str(checkpoint))

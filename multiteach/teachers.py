@@ -24,6 +24,13 @@ def create_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, num_classes=num_classes, **kwargs)
 
 
+def load_model(name: str, checkpoint: str | os.PathLike, num_classes: int = 10) -> nn.Module:
+    """A timm model with the weights of ``checkpoint`` (weights only; a mismatch is explained)."""
+    net = create_model(name, num_classes=num_classes)
+    load_weights(net, checkpoint)
+    return net
+
+
 class Teacher(nn.Module):
     """A frozen network whose outputs are distillation targets.
 
@@ -75,4 +82,4 @@ class Teacher(nn.Module):
         return f"name={self.name!r}, frozen"
 
 
-__all__ = ["Teacher", "create_model"]
+__all__ = ["Teacher", "create_model", "load_model"]
