@@ -42,7 +42,7 @@ def train_stage(cfg: ExperimentConfig, splits: Splits | None = None, *, console:
         return run_dir / "best.pt"
     t0 = time.perf_counter()
     result = build_trainer(cfg, console=console, splits=splits, dist=dist).fit(resume=True)
-    if not result.status == "finished":
+    if result.status != "finished":
         raise StageStopped(f"{run_dir}: {result.status}; run the same command again to resume")
     if dist is None or dist.is_main:
         done.write_text(json.dumps({"best": result.best, "epochs": result.epoch,
