@@ -15,7 +15,6 @@ never on the test set.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import time
 from pathlib import Path
@@ -115,7 +114,7 @@ class Pipeline:
         spec, a = self.plan["student"], self.args
         model = a.student or spec["model"]
         t0 = time.perf_counter()
-        accepted = inspect.signature(get_preset(preset).fn).parameters  # the plan's attack steps, where taken
+        accepted = get_preset(preset).options()  # the plan's attack steps, where the preset takes them
         plan_options = {k: v for k, v in spec["options"].items() if k in accepted}
         cfg = stage_config(preset, model, self.data, Path(a.run_dir) / preset,
                            options={**plan_options, **(options or {})}, teachers=teachers,

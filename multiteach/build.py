@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,10 +60,8 @@ def build_recipe(cfg: ExperimentConfig, num_classes: int) -> Recipe:
     try:
         return fn(student, **teachers, num_classes=num_classes, **cfg.options)
     except ValidationError as e:
-        params = inspect.signature(info.fn).parameters.values()
-        accepted = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "num_classes"]
         bad = "; ".join(f"options.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ValueError(f"preset {cfg.preset!r}: {bad} (its options: {', '.join(accepted)})") from None
+        raise ValueError(f"preset {cfg.preset!r}: {bad} (its options: {', '.join(info.options())})") from None
 
 
 def build_trainer(cfg: ExperimentConfig, *, dist: DistContext | None = None, console: Console | None = None,

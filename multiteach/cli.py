@@ -149,8 +149,6 @@ DEFAULT_TEACHERS = {"adv": "cifar_wrn34_10", "nat": "cifar_resnet56", "l2": "cif
 
 def preset_config(preset: str) -> dict[str, Any]:
     """The full config of a preset with its official schedule, as a dict (teachers' paths to fill in)."""
-    import inspect
-
     from .config import ExperimentConfig
     from .presets import get_preset
 
@@ -159,9 +157,7 @@ def preset_config(preset: str) -> dict[str, Any]:
     base.update(preset=preset, run_dir=f"runs/{preset}")
     base["train"].update(epochs=info.schedule.get("epochs", 100),
                          milestones=list(info.schedule.get("milestones", [])))
-    params = inspect.signature(info.fn).parameters.values()
-    base["options"] = {p.name: list(p.default) if isinstance(p.default, tuple) else p.default for p in params
-                       if p.kind is p.KEYWORD_ONLY and p.name != "num_classes" and p.default is not None}
+    base["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in info.options().items() if v is not None}
     base["teachers"] = {r: {"model": DEFAULT_TEACHERS[r], "checkpoint": f"runs/{r}_teacher/best.pt"}
                         for r in info.teachers}
     return base

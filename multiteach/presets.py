@@ -8,6 +8,7 @@ All attacks are L-inf, eps 8/255, inputs in [0, 1].
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,11 @@ class PresetInfo:
     description: str
     teachers: tuple[str, ...]
     schedule: dict[str, Any] = field(default_factory=dict)  # the official epochs / milestones
+
+    def options(self) -> dict[str, Any]:
+        """The preset's keyword options (``ExperimentConfig.options``) with their defaults."""
+        params = inspect.signature(self.fn).parameters.values()
+        return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name != "num_classes"}
 
 
 PRESETS: dict[str, PresetInfo] = {}
