@@ -41,9 +41,17 @@ class TrainConfig(_Strict):
     device: str = "auto"
     seed: int = 0
     steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (quick runs)")
-    eval_every: int = Field(1, ge=0, description="epochs between validation evaluations (0: never)")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="wall-clock seconds for this run: the epochs (at most `epochs`) are chosen from "
+                                "the throughput measured in its first steps, and cut if it runs behind")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of the student's weights (decay warmed "
+                                      "up as 1 - (1 + step)^-3/4, capped here); validation selects raw or EMA")
+    eval_every: int = Field(1, ge=0, description="epochs between validation evaluations, and the last epoch (0: never)")
     eval_pgd_steps: int = Field(20, ge=1)
     select: Literal["w_robust", "robust", "clean"] = "w_robust"
+    checkpoint_every: int = Field(1, ge=1, description="epochs between writes of last.pt (the last epoch and an "
+                                                       "interruption always write one)")
     log_every: int = Field(50, ge=1)
     progress: bool = True
     tensorboard: bool = False
@@ -162,6 +170,7 @@ class ExperimentConfig(_Strict):
         d = self.model_dump(mode="json")
         d.pop("run_dir")
         d["train"].pop("progress")
+        d["train"].pop("time_budget_s")  # a budgeted run's cache entry is reused under another budget
         d.pop("eval")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -211,6 +211,94 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, attacks: dict[str, Attack],
     return report
 
 
+def attack_cost(attack: Attack) -> float:
+    """Gradient passes per image, for time estimates: a PGD's steps; standard AutoAttack ~1700 (APGD-CE 100,
+    APGD-T 9 x 100, FAB-T 9 x 100 on the images still robust, Square's 5000 forward queries)."""
+    if isinstance(attack, AutoAttack):
+        return 1700.0
+    return float(getattr(attack, "steps", 1))
+
+
+class TimedEvaluation:
+    """Rows of several models' tables, run in the order asked while the time ``left()`` allows.
+
+    The time of a row is predicted from the seconds per image and gradient pass measured so far; a row that
+    would not fit is skipped (``required=True`` runs it regardless). ``chunk`` runs a slow row in slices of
+    the first ``n`` images, so it may stop early and report the images it covered. fp32, eval mode.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, left: Callable[[], float], batch_size: int = 500,
+                 device: torch.device | str | None = None, margin_s: float = 5.0) -> None:
+        self.x, self.y, self.left, self.batch_size, self.margin_s = x, y, left, batch_size, margin_s
+        self.device = device
+        self.reports: dict[str, Report] = {}
+        self.skipped: list[str] = []
+        self._clean: dict[str, Tensor] = {}
+        self._guess_s: float | None = None  # seconds per image and gradient pass, guessed from the clean pass
+        self._passes = [0.0, 0.0]  # seconds, image-passes of the gradient attacks run so far
+        self._per_attack: dict[int, list[float]] = {}  # id(attack) -> [seconds, images] run so far
+
+    def predict(self, attack: Attack, n: int) -> float:
+        """Seconds for ``attack`` on ``n`` images: from its own measured rate, else from its cost in passes at
+        the rate the gradient attacks have run so far (before any, a guess from the clean pass)."""
+        own = self._per_attack.get(id(attack))
+        if own is not None:
+            return n * own[0] / own[1]
+        seconds, passes = self._passes
+        per_pass = seconds / passes if passes else (self._guess_s or 0.0)
+        return n * attack_cost(attack) * per_pass
+
+    def clean(self, model_name: str, model: nn.Module) -> float:
+        """Clean accuracy on all images (and the report the model's rows go into)."""
+        t0 = time.perf_counter()
+        mask = correct_mask(model, self.x, self.y, None, self.batch_size, self.device)
+        seconds = time.perf_counter() - t0
+        if self._guess_s is None:
+            self._guess_s = 3 * seconds / max(len(self.y), 1)  # a gradient pass costs about three forwards
+        self._clean[model_name] = mask
+        acc = mask.float().mean().item()
+        self.reports[model_name] = Report(n=len(self.y), meta={"clean_seconds": seconds, "clean": acc})
+        return acc
+
+    def row(self, model_name: str, model: nn.Module, name: str, attack: Attack, n: int | None = None,
+            chunk: int | None = None, required: bool = False) -> Row | None:
+        n = min(n or len(self.y), len(self.y))
+        chunk = chunk or n
+        done: list[Tensor] = []
+        t0 = time.perf_counter()
+        while sum(len(m) for m in done) < n:
+            lo = sum(len(m) for m in done)
+            hi = min(lo + chunk, n)
+            if not required and self.predict(attack, hi - lo) > self.left() - self.margin_s:
+                break
+            t1 = time.perf_counter()
+            try:
+                done.append(correct_mask(model, self.x[lo:hi], self.y[lo:hi], attack, self.batch_size, self.device))
+            except Exception as e:  # an optional row that breaks must not take the table with it
+                if required:
+                    raise
+                self.skipped.append(f"{model_name}/{name} ({type(e).__name__}: {e})")
+                done = []
+                break
+            seconds = time.perf_counter() - t1
+            own = self._per_attack.setdefault(id(attack), [0.0, 0.0])
+            own[0], own[1] = own[0] + seconds, own[1] + hi - lo
+            if not isinstance(attack, AutoAttack):  # its cost in passes is a rough guess: not a rate to learn from
+                self._passes[0] += seconds
+                self._passes[1] += (hi - lo) * attack_cost(attack)
+        k = sum(len(m) for m in done)
+        if k == 0:
+            if not any(s.startswith(f"{model_name}/{name} (") for s in self.skipped):
+                self.skipped.append(f"{model_name}/{name}")
+            return None
+        mask = torch.cat(done)
+        clean_acc = self._clean[model_name][:k].float().mean().item()
+        robust = mask.float().mean().item()
+        row = Row(name, describe(attack), clean_acc, robust, (clean_acc + robust) / 2, time.perf_counter() - t0, k)
+        self.reports[model_name].rows.append(row)
+        return row
+
+
 def clean_and_pgd(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], steps: int = 20,
                   eps: float = 8 / 255, dist: Any = None) -> dict[str, float]:
     """The training hook's check: clean and PGD_SAT-``steps`` accuracy over a loader (all ranks summed)."""
@@ -240,5 +328,6 @@ def eps_sweep(model: nn.Module, x: Tensor, y: Tensor, eps_values: Iterable[float
     return out
 
 
-__all__ = ["SLOW_ROWS", "AutoAttack", "Report", "Row", "Square", "Transfer", "black_box_attacks", "clean_and_pgd",
-           "correct_mask", "describe", "eps_sweep", "evaluate", "slow_subsets", "standard_attacks"]
+__all__ = ["SLOW_ROWS", "AutoAttack", "Report", "Row", "Square", "TimedEvaluation", "Transfer", "attack_cost",
+           "black_box_attacks", "clean_and_pgd", "correct_mask", "describe", "eps_sweep", "evaluate", "slow_subsets",
+           "standard_attacks"]

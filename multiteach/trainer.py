@@ -25,6 +25,7 @@ from rich.progress import (
 )
 from torch import Tensor
 
+from .budget import Clock, EpochPlanner
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .config import TrainConfig
 from .data import TensorLoader
@@ -81,6 +82,7 @@ class Trainer:
         dist: DistContext | None = None,
         console: Console | None = None,
         sync_bn: bool = False,
+        clock: Clock = time.perf_counter,
     ) -> None:
         self.cfg = config or TrainConfig()
         self.recipe = recipe
@@ -102,6 +104,7 @@ class Trainer:
         recipe.to(self.device)
         if self.channels_last:
             recipe.to(memory_format=torch.channels_last)
+        self.ema = _make_ema(recipe.student, self.cfg.ema_decay)  # a plain copy, before any fast-path view
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         if self.cfg.fast and self.device.type == "cuda":
@@ -128,6 +131,12 @@ class Trainer:
         self._records: list[tuple[int, int, float, Tensor, Tensor, Tensor]] = []
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self._writer = None
+        self.clock = clock
+        self.planner: EpochPlanner | None = None
+        if self.cfg.time_budget_s is not None:
+            self.planner = EpochPlanner(self.cfg.time_budget_s, self.steps_per_epoch, max_epochs=self.cfg.epochs,
+                                        clock=clock, sync=self._sync)
+            self.planner.begin()  # the budget counts from here: warm-up, autotuning and graph capture included
 
     # ---------------------------------------------------------------- setup helpers
     def _sgd_impl(self) -> dict[str, bool]:
@@ -157,6 +166,8 @@ class Trainer:
             "rng": rng_state(),
             "best": self.best,
             "history": self.history,
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "planned_epochs": self.cfg.epochs if self.planner is not None else None,
             "experiment": self.experiment,
             "branches": self.recipe.branch_names,
         }
@@ -189,6 +200,13 @@ class Trainer:
         self.recipe.load_component_state(ckpt["recipe"])
         self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
         self.best, self.history = ckpt["best"], ckpt["history"]
+        if self.ema is not None:
+            if ckpt.get("ema") is None:
+                raise ConfigMismatchError(f"{path} holds no EMA weights: resume with ema_decay unset, or use a new "
+                                          "run_dir")
+            self.ema.module.load_state_dict(ckpt["ema"])
+        if self.planner is not None and ckpt.get("planned_epochs"):
+            self.cfg.epochs = self.planner.epochs = int(ckpt["planned_epochs"])
         if ckpt["loader"] is not None:
             self.loader.load_state_dict(ckpt["loader"])
         set_rng_state(ckpt["rng"])
@@ -254,13 +272,31 @@ class Trainer:
         return {"loss": totals_l[-1], "L": losses_l[-1], "w": weights_l[-1]}
 
     # ---------------------------------------------------------------- evaluation
-    def evaluate(self) -> dict[str, float]:
-        """Clean and PGD-20 accuracy on the validation split, in fp32, with the student in eval mode."""
+    def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
+        """Clean and PGD-20 accuracy on the validation split, in fp32, in eval mode (default: the student)."""
         if self.val_loader is None:
             return {}
-        m = clean_and_pgd(self.recipe.student, self.val_loader, steps=self.cfg.eval_pgd_steps, dist=self.dist)
-        m["w_robust"] = (m["clean"] + m["robust"]) / 2
+        model = self.recipe.student if model is None else model
+        m = clean_and_pgd(model, self.val_loader, steps=self.cfg.eval_pgd_steps, dist=self.dist)
+        if m:
+            m["w_robust"] = (m["clean"] + m["robust"]) / 2
         return m
+
+    def _validate(self, record: dict[str, Any]) -> None:
+        """Validate the raw (and EMA) weights; keep the better of them in best.pt if it beats the best so far."""
+        candidates = {"raw": self.recipe.student}
+        if self.ema is not None:
+            candidates["ema"] = self.ema.module
+        for tag, model in candidates.items():
+            metrics = self.evaluate(model)
+            prefix = "val_" if tag == "raw" else "val_ema_"
+            record.update({f"{prefix}{k}": v for k, v in metrics.items()})
+            score = _selection_score(metrics, self.cfg.select) if metrics else None
+            if score is not None and score > self.best.get("score", -1.0):
+                self.best = {"epoch": self.epoch, "score": score, "weights": tag, **metrics}
+                if self.run_dir is not None and self.is_main:
+                    atomic_save({"student": model.state_dict(), "epoch": self.epoch, "metrics": metrics,
+                                 "weights": tag, "experiment": self.experiment}, self.run_dir / "best.pt")
 
     # ---------------------------------------------------------------- the loop
     def _progress(self) -> Progress:
@@ -290,6 +326,7 @@ class Trainer:
                     break
                 self._end_epoch()
                 if stop.requested:
+                    self.save()  # also between the epochs checkpoint_every writes
                     status = f"interrupted ({stop.name})"
                     break
             self.dist.barrier()
@@ -341,20 +378,31 @@ class Trainer:
                                   "img_per_s": self._seen / max(elapsed, 1e-9)}
         if self._last is not None:
             record.update(loss=self._last["loss"], L=self._last["L"], w=self._last["w"])
-        if self.cfg.eval_every and (self.epoch % self.cfg.eval_every == 0 or self.epoch == self.cfg.epochs):
-            metrics = self.evaluate()
-            record.update({f"val_{k}": v for k, v in metrics.items()})
-            score = _selection_score(metrics, self.cfg.select) if metrics else None
-            if score is not None and score > self.best.get("score", -1.0):
-                self.best = {"epoch": self.epoch, "score": score, **metrics}
-                if self.run_dir is not None and self.is_main:
-                    atomic_save({"student": self.recipe.student.state_dict(), "epoch": self.epoch, "metrics": metrics,
-                                 "experiment": self.experiment}, self.run_dir / "best.pt")
+        if self.planner is not None:
+            self._set_epochs(self.planner.on_epoch_end(self.epoch, self.cfg.epochs), "behind its budget")
+        if self.cfg.eval_every and (self.epoch % self.cfg.eval_every == 0 or self.epoch >= self.cfg.epochs):
+            self._validate(record)
         self.history.append(record)
         self._write([record])
-        self.save()
+        if self.epoch % self.cfg.checkpoint_every == 0 or self.epoch >= self.cfg.epochs:
+            self.save()
         if self.is_main:
             self.console.log(_epoch_line(record, self.recipe.branch_names))
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _set_epochs(self, epochs: int, why: str) -> None:
+        """Adopt a budgeted epoch count; under DDP every rank takes rank 0's, so all stop together."""
+        if self.dist.enabled:
+            mine = torch.tensor([float(epochs if self.is_main else 0)], device=self.device)
+            epochs = int(self.dist.sum(mine).item())
+        if epochs == self.cfg.epochs:
+            return
+        self.cfg.epochs = epochs
+        if self.is_main:
+            self.console.log(f"time budget {self.cfg.time_budget_s:.0f} s: {epochs} epochs ({why})")
 
     def _open_tensorboard(self) -> None:
         if not (self.cfg.tensorboard and self.is_main and self.run_dir is not None):
@@ -382,6 +430,12 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.global_step += 1
+        if self.ema is not None:
+            self.ema.update(self.recipe.student, step=self.global_step)
+        if self.planner is not None:
+            planned = self.planner.on_step(self.global_step / self.steps_per_epoch)
+            if planned is not None:
+                self._set_epochs(planned, f"{self.planner.step_s * 1e3:.1f} ms/step measured")
         self._records.append((self.global_step, self.epoch + 1, lr, out.total.detach(), out.losses, out.weights))
         if self.global_step % self.cfg.log_every == 0:
             return self._flush()
@@ -394,6 +448,8 @@ def _epoch_line(r: dict[str, Any], names: list[str]) -> str:
         parts += [f"L_{n}={li:.4f} w_{n}={wi:.3f}" for n, li, wi in zip(names, r["L"], r["w"])]
     if "val_clean" in r:
         parts.append(f"val clean {100 * r['val_clean']:.2f} robust {100 * r['val_robust']:.2f}")
+    if "val_ema_clean" in r:
+        parts.append(f"EMA {100 * r['val_ema_clean']:.2f} / {100 * r['val_ema_robust']:.2f}")
     return " | ".join(parts)
 
 
@@ -406,6 +462,16 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
         elif a != b:
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
+
+
+def _make_ema(model: torch.nn.Module, decay: float | None) -> Any:
+    """timm's ModelEmaV3 (parameters and buffers), its decay warmed up as 1 - (1 + step)^-3/4 up to ``decay``,
+    so a short run averages over its last few hundred steps and a long one over ~1 / (1 - decay) steps."""
+    if decay is None:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=0.75)
 
 
 __all__ = ["ConfigMismatchError", "NonFiniteLossError", "TrainResult", "Trainer"]

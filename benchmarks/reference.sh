@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The reference run in one command, within a wall-clock budget (default 540 s), on an offline GPU machine:
+#
+#   bash benchmarks/reference.sh OUT_DIR                       # teachers, MTARD student, the test-set table
+#   BUDGET=300 bash benchmarks/reference.sh OUT_DIR --preset baseline_mt   # extra args go to the example
+#
+# It installs the carried wheels if pydantic is missing (.gpu/wheels, see ../shared/GPU.md), decodes CIFAR-10
+# into $DATA_DIR (default /tmp/cifar10) unless train.npz is there, runs examples/mtard_cifar.py --plan speedrun
+# with what is left of the budget, and writes at most 8 files into OUT_DIR: eval.json, reference.log, the
+# student's metrics.jsonl and its figures (losses.png, weights.png, accuracy.png), and the teachers' metrics.
+# Setup time counts against the budget. Environment: BUDGET, DATA_DIR, PLAN (speedrun), RUN_DIR.
+set -euo pipefail
+OUT=${1:?usage: bash benchmarks/reference.sh OUT_DIR [extra arguments for examples/mtard_cifar.py]}
+shift
+start=$(date +%s.%N)
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ! python3 -c "import pydantic" 2>/dev/null; then
+  if ! ls .gpu/wheels/*.whl >/dev/null 2>&1; then
+    echo "pydantic is missing and there are no wheels in .gpu/wheels: see ../shared/GPU.md" >&2
+    exit 2
+  fi
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ -d .gpu/site ]; then export PYTHONPATH=$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}; fi  # pyautoattack
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+DATA_DIR=${DATA_DIR:-/tmp/cifar10}
+if [ ! -f "$DATA_DIR/train.npz" ]; then
+  prepare=.gpu/data/prepare.py
+  [ -f "$prepare" ] || prepare=../shared/data/prepare.py
+  python3 "$prepare" "$DATA_DIR" >/dev/null
+fi
+RUN_DIR=${RUN_DIR:-/tmp/multiteach_reference}
+left=$(python3 -c "import sys, time; print(f'{float(sys.argv[1]) - (time.time() - float(sys.argv[2])):.1f}')" \
+       "${BUDGET:-540}" "$start")
+echo "reference run: ${left} s of ${BUDGET:-540} s left after setup"
+set +e
+# SIGTERM 60 s past the budget: the trainer checkpoints and exits 3 (the same command resumes)
+timeout --signal=TERM "$(python3 -c "print(int(float('$left')) + 60)")" \
+  python3 examples/mtard_cifar.py --plan "${PLAN:-speedrun}" --budget "$left" --data-dir "$DATA_DIR" \
+    --run-dir "$RUN_DIR/run" --teacher-cache "$RUN_DIR/teachers" --autoattack --quiet "$@" 2>&1 \
+  | tee "$OUT/reference.log"
+rc=${PIPESTATUS[0]}
+set -e
+student=$(ls -d "$RUN_DIR"/run/*/ 2>/dev/null | head -n 1)
+if [ -n "$student" ]; then
+  for f in eval.json metrics.jsonl losses.png weights.png accuracy.png; do
+    [ -f "$student/$f" ] && cp "$student/$f" "$OUT/$f"
+  done
+fi
+for entry in "$RUN_DIR"/teachers/*/; do
+  [ -f "$entry/metrics.jsonl" ] && cp "$entry/metrics.jsonl" "$OUT/teacher_$(basename "$entry" | cut -d- -f1).jsonl"
+done
+echo "reference run: exit $rc, $(python3 -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.0f}')" "$start") s in all"
+exit "$rc"

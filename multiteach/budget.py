@@ -1,0 +1,145 @@
+"""Wall-clock budgets: a run that must end, with its table, inside a fixed number of seconds.
+
+Two pieces, both driven by an injectable clock (tests use a fake one):
+
+* :class:`TimeBudget` splits one deadline among named stages. Each stage, when it starts, gets its share of
+  the time *still left* (after the seconds reserved for evaluation), so a stage that ran long shortens the
+  ones after it instead of pushing the run past its deadline.
+* :class:`EpochPlanner` turns one stage's seconds into an epoch count from the throughput measured in the
+  stage's first steps (after the warm-up steps that autotune and capture graphs), and shortens the plan at an
+  epoch end if the stage runs behind. The LR schedule follows the planned epochs, so a budgeted run anneals
+  to its end instead of being cut off at a high learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Clock = Callable[[], float]
+
+
+class TimeBudget:
+    """``total_s`` seconds from ``start`` (default: now), shared by ``shares`` (stage -> weight), with
+    ``reserve_s`` seconds kept back for what follows the stages (evaluation, the table)."""
+
+    def __init__(self, total_s: float, shares: Mapping[str, float], reserve_s: float = 0.0,
+                 clock: Clock = time.perf_counter, start: float | None = None) -> None:
+        if total_s <= 0:
+            raise ValueError(f"the time budget must be > 0 seconds, got {total_s}")
+        if not shares or any(w <= 0 for w in shares.values()):
+            raise ValueError(f"stage shares must be positive weights, got {dict(shares)}")
+        self.total_s, self.shares, self.reserve_s, self.clock = float(total_s), dict(shares), float(reserve_s), clock
+        self.start = clock() if start is None else start
+        self.spent: dict[str, float] = {}
+        self.allotted: dict[str, float] = {}
+        self._open: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def left(self) -> float:
+        """Seconds until the deadline (negative once past it)."""
+        return self.total_s - self.elapsed()
+
+    def allot(self, stage: str) -> float:
+        """Start ``stage``: its share of the time left before the reserve, among the stages not yet run."""
+        if stage not in self.shares:
+            raise KeyError(f"unknown stage {stage!r}: the budget has {', '.join(self.shares)}")
+        pending = [s for s in self.shares if s not in self.spent and s not in self._open]
+        if stage not in pending:
+            raise ValueError(f"stage {stage!r} was already started")
+        weight = sum(self.shares[s] for s in pending)
+        # never zero: a stage that starts late still trains its minimum (one epoch), so the run ends with a table
+        seconds = max(max(self.left() - self.reserve_s, 0.0) * self.shares[stage] / weight, 1.0)
+        self.allotted[stage] = seconds
+        self._open[stage] = self.clock()
+        return seconds
+
+    def finish(self, stage: str) -> float:
+        """End ``stage``; returns the seconds it took."""
+        self.spent[stage] = self.clock() - self._open.pop(stage)
+        return self.spent[stage]
+
+    def skip(self, stage: str) -> None:
+        """A stage that will not run (its model was given): its share goes to the others."""
+        self.spent[stage] = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"budget_s": self.total_s, "elapsed_s": round(self.elapsed(), 1),
+                "stages": {s: {"allotted_s": round(self.allotted.get(s, 0.0), 1), "spent_s": round(t, 1)}
+                           for s, t in self.spent.items()}}
+
+
+@dataclass
+class EpochPlanner:
+    """Epochs that fit ``seconds``, from the step rate measured after ``skip`` warm-up steps.
+
+    Call ``begin`` when the stage starts and ``on_step`` after every optimizer step (``sync`` waits for the
+    device at the two timing points only); ``on_step`` returns the planned epoch count once the rate is
+    known. ``on_epoch_end`` re-plans from the wall time spent since the warm-up (validation included) and
+    only ever shortens the plan. ``fraction`` of the seconds is planned for, the rest is headroom.
+    """
+
+    seconds: float
+    steps_per_epoch: int
+    min_epochs: int = 1
+    max_epochs: int | None = None
+    skip: int = 8
+    measure: int = 24
+    fraction: float = 0.92
+    clock: Clock = time.perf_counter
+    sync: Callable[[], None] = lambda: None
+    epochs: int | None = None  # the plan, once made (a resumed stage passes the plan it made)
+    step_s: float | None = field(default=None, init=False)
+    _start: float = field(default=0.0, init=False)
+    _steps: int = field(default=0, init=False)
+    _t_skip: float | None = field(default=None, init=False)
+
+    def begin(self) -> None:
+        self._start, self._steps, self._t_skip = self.clock(), 0, None
+
+    def _clip(self, n: int) -> int:
+        n = max(n, self.min_epochs)
+        return min(n, self.max_epochs) if self.max_epochs else n
+
+    def on_step(self, epochs_done: float = 0.0) -> int | None:
+        """After one optimizer step (``epochs_done``: the epoch progress so far): the plan, at the step
+        that completes the measurement, else ``None``."""
+        self._steps += 1
+        if self._steps == self.skip:
+            self.sync()
+            self._t_skip = self.clock()
+        elif self._steps == self.skip + self.measure and self._t_skip is not None:
+            self.sync()
+            now = self.clock()
+            self.step_s = (now - self._t_skip) / self.measure
+            if self.epochs is None:
+                left = self.seconds * self.fraction - (now - self._start)
+                fits = math.floor(epochs_done + left / (self.step_s * self.steps_per_epoch))
+                self.epochs = max(self._clip(fits), math.ceil(epochs_done))  # at least the epoch in progress
+            return self.epochs
+        return None
+
+    def on_epoch_end(self, epochs_done: int, planned: int) -> int:
+        """The plan after ``epochs_done`` epochs: ``planned``, or fewer if the stage runs behind (the epoch
+        just finished when the time is already up)."""
+        if self._t_skip is None or self._steps <= self.skip or epochs_done >= planned:
+            return planned
+        now = self.clock()
+        per_epoch = (now - self._t_skip) / (self._steps - self.skip) * self.steps_per_epoch
+        left = self.seconds - (now - self._start)
+        if left <= 0:
+            return epochs_done
+        fits = epochs_done + math.floor(left / per_epoch)
+        if fits >= planned:
+            return planned
+        if fits == epochs_done and left < per_epoch / 2:  # not even half an epoch left: stop here
+            return epochs_done
+        return max(fits, epochs_done + 1)
+
+
+__all__ = ["EpochPlanner", "TimeBudget"]
