@@ -156,7 +156,8 @@ def mtard(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None =
           beta: float = 1.0, rw: float = 0.025, w0: Sequence[float] = (0.5, 0.5), weighter: str = "anl") -> Recipe:
     """MTARD (zhaoshiji123/MTARD): the adversarial teacher reads PGD-10 examples crafted against the student
     (eval mode, step 2/255, start x + 0.001*N(0,1), CE); the natural teacher reads clean images; KL at T = 1
-    averaged over batch x classes; ANL with beta = 1, r_w = 0.025, w0 = 1/2, r_w decayed with the LR.
+    averaged over batch x classes (``reduction="batchmean"``: per sample, C times larger, the scale of a CE
+    term); ANL with beta = 1, r_w = 0.025, w0 = 1/2, r_w decayed with the LR.
     ``weighter`` swaps ANL for another of ``WEIGHTERS`` (dwa, uw, rlw, fixed) on the same two branches."""
     adv = as_teacher(adv_teacher, num_classes, "adv")
     nat = as_teacher(nat_teacher, num_classes, "nat")
@@ -183,10 +184,11 @@ def bmtard(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None 
 @register("baseline", "Fig. 2 ablation 'Baseline': distillation from the adversarial teacher alone", ("adv",),
           epochs=300, milestones=(215, 260, 285))
 def baseline(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None = None, *,
-             num_classes: int = 10, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10) -> Recipe:
+             num_classes: int = 10, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+             reduction: Reduction = "mean") -> Recipe:
     """KL(T_adv(x_adv) || S(x_adv)), MTARD's adversarial branch with weight 1."""
     adv = as_teacher(adv_teacher, num_classes, "adv")
-    branch = Branch(training_pgd(eps, alpha, steps), KLDistill(), teacher=adv, name="adv")
+    branch = Branch(training_pgd(eps, alpha, steps), KLDistill(1.0, reduction), teacher=adv, name="adv")
     return Recipe(as_student(student, num_classes), [branch], name="baseline")
 
 
@@ -194,11 +196,11 @@ def baseline(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | Non
           ("adv", "nat"), epochs=300, milestones=(215, 260, 285))
 def baseline_mt(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None = None,
                 nat_teacher: ModelLike | None = None, *, num_classes: int = 10, eps: float = 8 / 255,
-                alpha: float = 2 / 255, steps: int = 10) -> Recipe:
+                alpha: float = 2 / 255, steps: int = 10, reduction: Reduction = "mean") -> Recipe:
     """MTARD's two branches with constant weights (no ANL)."""
     adv = as_teacher(adv_teacher, num_classes, "adv")
     nat = as_teacher(nat_teacher, num_classes, "nat")
-    branches = _two_teacher_branches(adv, nat, eps, alpha, steps, 1.0, "mean")
+    branches = _two_teacher_branches(adv, nat, eps, alpha, steps, 1.0, reduction)
     return Recipe(as_student(student, num_classes), branches, Fixed([0.5, 0.5]), name="baseline_mt")
 
 
@@ -211,14 +213,16 @@ PRESETS["baseline_mt_anl"] = PresetInfo(mtard, "Fig. 2 ablation 'Baseline+MT+ANL
 def mtard3(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None = None,
            nat_teacher: ModelLike | None = None, l2_teacher: ModelLike | None = None, *, num_classes: int = 10,
            eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, l2_eps: float = 0.5,
-           l2_alpha: float = 0.1, beta: float = 1.0, rw: float = 0.025, weighter: str = "anl") -> Recipe:
+           l2_alpha: float = 0.1, beta: float = 1.0, rw: float = 0.025, weighter: str = "anl",
+           reduction: Reduction = "mean") -> Recipe:
     """MTARD's two branches plus KL(T_l2(x_l2) || S(x_l2)), x_l2 an L2 PGD example (eps 0.5, step 0.1) against
     the student: robustness to a second threat model from a teacher trained for it; ANL(3) balances them."""
     adv = as_teacher(adv_teacher, num_classes, "adv")
     nat = as_teacher(nat_teacher, num_classes, "nat")
     l2 = as_teacher(l2_teacher, num_classes, "l2")
-    branches = _two_teacher_branches(adv, nat, eps, alpha, steps, 1.0, "mean")
-    branches.append(Branch(training_pgd(l2_eps, l2_alpha, steps, norm="L2"), KLDistill(), teacher=l2, name="l2"))
+    branches = _two_teacher_branches(adv, nat, eps, alpha, steps, 1.0, reduction)
+    branches.append(Branch(training_pgd(l2_eps, l2_alpha, steps, norm="L2"), KLDistill(1.0, reduction), teacher=l2,
+                           name="l2"))
     w = ANL(3, beta, rw) if weighter == "anl" else make_weighter(weighter, 3)
     return Recipe(as_student(student, num_classes), branches, w, name="mtard3")
 
