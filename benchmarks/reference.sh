@@ -6,8 +6,9 @@
 #
 # It installs the carried wheels if pydantic is missing (.gpu/wheels, see ../shared/GPU.md), decodes CIFAR-10
 # into $DATA_DIR (default /tmp/cifar10) unless train.npz is there, runs examples/mtard_cifar.py --plan speedrun
-# with what is left of the budget, and writes at most 8 files into OUT_DIR: eval.json, reference.log, the
-# student's metrics.jsonl and its figures (losses.png, weights.png, accuracy.png), and the teachers' metrics.
+# with the budget counted from this script's start, and writes at most 8 files into OUT_DIR: eval.json,
+# reference.log, the student's metrics.jsonl and its figures (losses.png, weights.png, accuracy.png), and the
+# teachers' metrics.
 # Setup time counts against the budget. Environment: BUDGET, DATA_DIR, PLAN (speedrun), RUN_DIR.
 set -euo pipefail
 OUT=${1:?usage: bash benchmarks/reference.sh OUT_DIR [extra arguments for examples/mtard_cifar.py]}
@@ -40,7 +41,8 @@ echo "reference run: ${left} s of ${BUDGET:-540} s left after setup"
 set +e
 # SIGTERM 60 s past the budget: the trainer checkpoints and exits 3 (the same command resumes)
 timeout --signal=TERM "$(python3 -c "print(int(float('$left')) + 60)")" \
-  python3 examples/mtard_cifar.py --plan "${PLAN:-speedrun}" --budget "$left" --data-dir "$DATA_DIR" \
+  python3 examples/mtard_cifar.py --plan "${PLAN:-speedrun}" --budget "${BUDGET:-540}" --started-at "$start" \
+    --data-dir "$DATA_DIR" \
     --run-dir "$RUN_DIR/run" --teacher-cache "$RUN_DIR/teachers" --autoattack --quiet "$@" 2>&1 \
   | tee "$OUT/reference.log"
 rc=${PIPESTATUS[0]}

@@ -101,6 +101,9 @@ class EpochPlanner:
 
     def begin(self) -> None:
         self._start, self._steps, self._t_skip = self.clock(), 0, None
+        if self.skip <= 0:  # no warm-up to leave out: time from the start
+            self.sync()
+            self._t_skip = self.clock()
 
     def _clip(self, n: int) -> int:
         n = max(n, self.min_epochs)
@@ -113,7 +116,7 @@ class EpochPlanner:
         if self._steps == self.skip:
             self.sync()
             self._t_skip = self.clock()
-        elif self._steps == self.skip + self.measure and self._t_skip is not None:
+        elif self._steps == max(self.skip, 0) + self.measure and self._t_skip is not None:
             self.sync()
             now = self.clock()
             self.step_s = (now - self._t_skip) / self.measure
@@ -126,20 +129,26 @@ class EpochPlanner:
 
     def on_epoch_end(self, epochs_done: int, planned: int) -> int:
         """The plan after ``epochs_done`` epochs: ``planned``, or fewer if the stage runs behind (the epoch
-        just finished when the time is already up)."""
-        if self._t_skip is None or self._steps <= self.skip or epochs_done >= planned:
+        just finished when the time is already up). Before the plan is made only the deadline cuts."""
+        if epochs_done >= planned:
             return planned
         now = self.clock()
-        per_epoch = (now - self._t_skip) / (self._steps - self.skip) * self.steps_per_epoch
         left = self.seconds - (now - self._start)
         if left <= 0:
+            self.epochs = epochs_done
             return epochs_done
+        timed = self._steps - max(self.skip, 0)
+        if self.epochs is None or self._t_skip is None or timed <= 0:
+            return planned
+        per_epoch = (now - self._t_skip) / timed * self.steps_per_epoch
         fits = epochs_done + math.floor(left / per_epoch)
         if fits >= planned:
             return planned
         if fits == epochs_done and left < per_epoch / 2:  # not even half an epoch left: stop here
-            return epochs_done
-        return max(fits, epochs_done + 1)
+            self.epochs = epochs_done
+        else:
+            self.epochs = max(fits, epochs_done + 1)
+        return self.epochs
 
 
 __all__ = ["EpochPlanner", "TimeBudget"]

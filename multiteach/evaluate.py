@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,10 +212,12 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, attacks: dict[str, Attack],
 
 
 def attack_cost(attack: Attack) -> float:
-    """Gradient passes per image, for time estimates: a PGD's steps; standard AutoAttack ~1700 (APGD-CE 100,
-    APGD-T 9 x 100, FAB-T 9 x 100 on the images still robust, Square's 5000 forward queries)."""
+    """Gradient passes per image, for time estimates: a PGD's steps; standard AutoAttack 3000. AutoAttack's
+    APGD-T, FAB-T (9 targets x 100 steps) and Square (5000 queries) run on the few images still robust, so
+    their batches are small and latency-bound: on an H200, 250 images took 54 s, i.e. ~8000 passes of a
+    ResNet-18's full-batch fp32 rate per image; larger chunks cost less per image (see RESULTS.md)."""
     if isinstance(attack, AutoAttack):
-        return 1700.0
+        return 3000.0
     return float(getattr(attack, "steps", 1))
 
 
@@ -224,7 +226,8 @@ class TimedEvaluation:
 
     The time of a row is predicted from the seconds per image and gradient pass measured so far; a row that
     would not fit is skipped (``required=True`` runs it regardless). ``chunk`` runs a slow row in slices of
-    the first ``n`` images, so it may stop early and report the images it covered. fp32, eval mode.
+    the first ``n`` images (a sequence: the largest size that still fits, then smaller ones), so it may stop
+    early and report the images it covered. fp32, eval mode.
     """
 
     def __init__(self, x: Tensor, y: Tensor, left: Callable[[], float], batch_size: int = 500,
@@ -236,14 +239,14 @@ class TimedEvaluation:
         self._clean: dict[str, Tensor] = {}
         self._guess_s: float | None = None  # seconds per image and gradient pass, guessed from the clean pass
         self._passes = [0.0, 0.0]  # seconds, image-passes of the gradient attacks run so far
-        self._per_attack: dict[int, list[float]] = {}  # id(attack) -> [seconds, images] run so far
+        self._per_attack: dict[int, tuple[Attack, list[float]]] = {}  # id -> (attack kept alive, [seconds, images])
 
     def predict(self, attack: Attack, n: int) -> float:
         """Seconds for ``attack`` on ``n`` images: from its own measured rate, else from its cost in passes at
         the rate the gradient attacks have run so far (before any, a guess from the clean pass)."""
         own = self._per_attack.get(id(attack))
         if own is not None:
-            return n * own[0] / own[1]
+            return n * own[1][0] / own[1][1]
         seconds, passes = self._passes
         per_pass = seconds / passes if passes else (self._guess_s or 0.0)
         return n * attack_cost(attack) * per_pass
@@ -261,16 +264,17 @@ class TimedEvaluation:
         return acc
 
     def row(self, model_name: str, model: nn.Module, name: str, attack: Attack, n: int | None = None,
-            chunk: int | None = None, required: bool = False) -> Row | None:
+            chunk: int | Sequence[int] | None = None, required: bool = False) -> Row | None:
         n = min(n or len(self.y), len(self.y))
-        chunk = chunk or n
+        sizes = sorted({chunk} if isinstance(chunk, int) else set(chunk or [n]), reverse=True)
         done: list[Tensor] = []
         t0 = time.perf_counter()
         while sum(len(m) for m in done) < n:
             lo = sum(len(m) for m in done)
-            hi = min(lo + chunk, n)
-            if not required and self.predict(attack, hi - lo) > self.left() - self.margin_s:
+            fits = [c for c in sizes if required or self.predict(attack, min(c, n - lo)) <= self.left() - self.margin_s]
+            if not fits:
                 break
+            hi = min(lo + fits[0], n)
             t1 = time.perf_counter()
             try:
                 done.append(correct_mask(model, self.x[lo:hi], self.y[lo:hi], attack, self.batch_size, self.device))
@@ -281,7 +285,7 @@ class TimedEvaluation:
                 done = []
                 break
             seconds = time.perf_counter() - t1
-            own = self._per_attack.setdefault(id(attack), [0.0, 0.0])
+            own = self._per_attack.setdefault(id(attack), (attack, [0.0, 0.0]))[1]
             own[0], own[1] = own[0] + seconds, own[1] + hi - lo
             if not isinstance(attack, AutoAttack):  # its cost in passes is a rough guess: not a rate to learn from
                 self._passes[0] += seconds

@@ -58,17 +58,28 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     if val:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         e = [r["epoch"] for r in val]
-        for key, label in (("val_clean", "clean"), ("val_robust", "PGD-20"), ("val_w_robust", "W-Robust")):
-            ax.plot(e, [100 * r[key] for r in val], marker="o", ms=3, label=label)
+        pgd = f"PGD-{_eval_pgd_steps(run_dir)}"
+        for i, (key, label) in enumerate((("clean", "clean"), ("robust", pgd), ("w_robust", "W-Robust"))):
+            ax.plot(e, [100 * r[f"val_{key}"] for r in val], marker="o", ms=3, label=label, color=f"C{i}")
+            if f"val_ema_{key}" in val[0]:  # the EMA weights, validated beside the raw ones
+                ax.plot(e, [100 * r[f"val_ema_{key}"] for r in val], ls="--", marker="x", ms=3, color=f"C{i}",
+                        label=f"{label} (EMA)")
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation accuracy (%)")
-        ax.legend()
+        ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / "accuracy.png", dpi=120)
         plt.close(fig)
         written.append(out / "accuracy.png")
     return written
+
+
+def _eval_pgd_steps(run_dir: str | Path) -> int:
+    info = Path(run_dir) / "run.json"
+    if info.is_file():
+        return int(json.loads(info.read_text()).get("train", {}).get("eval_pgd_steps", 20))
+    return 20
 
 
 __all__ = ["plot_run", "read_metrics"]

@@ -141,9 +141,10 @@ def rslad(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None =
 
 
 def _two_teacher_branches(adv: nn.Module, nat: nn.Module, eps: float, alpha: float, steps: int,
-                          temperature: float, reduction: Reduction) -> list[Branch]:
+                          temperature: float, reduction: Reduction, start: str = "normal") -> list[Branch]:
     return [
-        Branch(training_pgd(eps, alpha, steps), KLDistill(temperature, reduction), teacher=adv, name="adv"),
+        Branch(training_pgd(eps, alpha, steps, start=start), KLDistill(temperature, reduction), teacher=adv,
+               name="adv"),
         Branch(Clean(), KLDistill(temperature, reduction), teacher=nat, name="nat"),
     ]
 
@@ -153,15 +154,17 @@ def _two_teacher_branches(adv: nn.Module, nat: nn.Module, eps: float, alpha: flo
 def mtard(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None = None,
           nat_teacher: ModelLike | None = None, *, num_classes: int = 10, eps: float = 8 / 255,
           alpha: float = 2 / 255, steps: int = 10, temperature: float = 1.0, reduction: Reduction = "mean",
-          beta: float = 1.0, rw: float = 0.025, w0: Sequence[float] = (0.5, 0.5), weighter: str = "anl") -> Recipe:
+          beta: float = 1.0, rw: float = 0.025, w0: Sequence[float] = (0.5, 0.5), weighter: str = "anl",
+          start: str = "normal") -> Recipe:
     """MTARD (zhaoshiji123/MTARD): the adversarial teacher reads PGD-10 examples crafted against the student
     (eval mode, step 2/255, start x + 0.001*N(0,1), CE); the natural teacher reads clean images; KL at T = 1
     averaged over batch x classes (``reduction="batchmean"``: per sample, C times larger, the scale of a CE
     term); ANL with beta = 1, r_w = 0.025, w0 = 1/2, r_w decayed with the LR.
-    ``weighter`` swaps ANL for another of ``WEIGHTERS`` (dwa, uw, rlw, fixed) on the same two branches."""
+    ``weighter`` swaps ANL for another of ``WEIGHTERS`` (dwa, uw, rlw, fixed) on the same two branches;
+    ``start="uniform"`` starts the attack anywhere in the eps-ball, as SAT trains its teacher."""
     adv = as_teacher(adv_teacher, num_classes, "adv")
     nat = as_teacher(nat_teacher, num_classes, "nat")
-    branches = _two_teacher_branches(adv, nat, eps, alpha, steps, temperature, reduction)
+    branches = _two_teacher_branches(adv, nat, eps, alpha, steps, temperature, reduction, start)
     w = ANL(2, beta, rw, w0) if weighter == "anl" else make_weighter(weighter, 2)
     return Recipe(as_student(student, num_classes), branches, w, name="mtard")
 
@@ -185,10 +188,10 @@ def bmtard(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None 
           epochs=300, milestones=(215, 260, 285))
 def baseline(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None = None, *,
              num_classes: int = 10, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
-             reduction: Reduction = "mean") -> Recipe:
+             reduction: Reduction = "mean", start: str = "normal") -> Recipe:
     """KL(T_adv(x_adv) || S(x_adv)), MTARD's adversarial branch with weight 1."""
     adv = as_teacher(adv_teacher, num_classes, "adv")
-    branch = Branch(training_pgd(eps, alpha, steps), KLDistill(1.0, reduction), teacher=adv, name="adv")
+    branch = Branch(training_pgd(eps, alpha, steps, start=start), KLDistill(1.0, reduction), teacher=adv, name="adv")
     return Recipe(as_student(student, num_classes), [branch], name="baseline")
 
 
@@ -196,11 +199,12 @@ def baseline(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | Non
           ("adv", "nat"), epochs=300, milestones=(215, 260, 285))
 def baseline_mt(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None = None,
                 nat_teacher: ModelLike | None = None, *, num_classes: int = 10, eps: float = 8 / 255,
-                alpha: float = 2 / 255, steps: int = 10, reduction: Reduction = "mean") -> Recipe:
+                alpha: float = 2 / 255, steps: int = 10, reduction: Reduction = "mean",
+                start: str = "normal") -> Recipe:
     """MTARD's two branches with constant weights (no ANL)."""
     adv = as_teacher(adv_teacher, num_classes, "adv")
     nat = as_teacher(nat_teacher, num_classes, "nat")
-    branches = _two_teacher_branches(adv, nat, eps, alpha, steps, 1.0, reduction)
+    branches = _two_teacher_branches(adv, nat, eps, alpha, steps, 1.0, reduction, start)
     return Recipe(as_student(student, num_classes), branches, Fixed([0.5, 0.5]), name="baseline_mt")
 
 

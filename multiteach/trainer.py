@@ -84,7 +84,7 @@ class Trainer:
         sync_bn: bool = False,
         clock: Clock = time.perf_counter,
     ) -> None:
-        self.cfg = config or TrainConfig()
+        self.cfg = (config or TrainConfig()).model_copy()  # a budgeted run changes its epochs: not the caller's
         self.recipe = recipe
         self.loader, self.val_loader = train_loader, val_loader
         self.dist = dist or DistContext()
@@ -167,7 +167,7 @@ class Trainer:
             "best": self.best,
             "history": self.history,
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
-            "planned_epochs": self.cfg.epochs if self.planner is not None else None,
+            "planned_epochs": self.planner.epochs if self.planner is not None else None,
             "experiment": self.experiment,
             "branches": self.recipe.branch_names,
         }

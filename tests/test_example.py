@@ -1,7 +1,8 @@
 import importlib.util
 import json
+import os
+import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tests.conftest import SHARED
@@ -17,26 +18,46 @@ def load(name: str):
     return mod
 
 
-def test_reference_example_then_three_teachers_reusing_the_cached_teachers(cifar_slice, tmp_path):
-    """examples/mtard_cifar.py --tiny on a slice of CIFAR-10 (teachers, student, table), then the N = 3
-    example, which must reuse the two cached teachers and train only the third."""
-    cache = tmp_path / "teachers"
-    common = ["--tiny", "--data-dir", str(cifar_slice), "--teacher-cache", str(cache), "--quiet"]
-    t0 = time.perf_counter()
-    report = load("mtard_cifar").main([*common, "--run-dir", str(tmp_path / "mtard_run")])
-    assert time.perf_counter() - t0 < 150
-    rows = {r["attack"]: r for r in report["rows"]}
-    assert set(rows) == {"fgsm", "pgd_sat", "pgd_trades", "cw_inf"}
+REFERENCE = Path(__file__).parents[1] / "benchmarks" / "reference.sh"
+
+
+def run_reference(out: Path, run_dir: Path, data: Path, budget: int, *extra: str) -> subprocess.CompletedProcess:
+    """benchmarks/reference.sh in tiny mode, as CI can run it (pydantic installed, data given)."""
+    env = {**os.environ, "PLAN": "tiny", "BUDGET": str(budget), "DATA_DIR": str(data), "RUN_DIR": str(run_dir),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(["bash", str(REFERENCE), str(out), *extra], env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar_slice, tmp_path):
+    """benchmarks/reference.sh (tiny plan, ample budget) on a slice of CIFAR-10: teachers, student, the table
+    with the teacher's rows and AutoAttack, at most 8 files out; then the N = 3 example, which must reuse the
+    two cached teachers and train only the third."""
+    out, run_dir = tmp_path / "out", tmp_path / "ref"
+    proc = run_reference(out, run_dir, cifar_slice, 600, "--eval-n", "100", "--slow-n", "8")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Test set, n = 100" in proc.stdout.split("stage times {")[-1]  # the table comes last
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all((out / f).stat().st_size < 16 * 2**20 for f in files)
+    assert {"eval.json", "reference.log", "metrics.jsonl", "losses.png", "weights.png", "accuracy.png"} <= set(files)
+    result = json.loads((out / "eval.json").read_text())
+    rows = {r["attack"]: r for r in result["rows"]}
+    assert set(rows) == {"fgsm", "pgd_sat", "pgd_trades", "cw_inf", "autoattack"}
+    assert rows["autoattack"]["n"] == 8 and rows["pgd_sat"]["n"] == 100
     for r in rows.values():
         assert 0 <= r["robust"] <= r["clean"] <= 1  # on the same images, an attack never helps
-    assert (tmp_path / "mtard_run" / "mtard" / "best.pt").is_file()
-    assert (tmp_path / "mtard_run" / "mtard" / "eval.json").is_file()
-    entries = sorted(cache.iterdir())
-    assert [e.name.split("-")[0] for e in entries] == ["natural", "sat"]
-    stamps = {e: (e / "done.json").stat().st_mtime_ns for e in entries}
+    teacher = next(v for k, v in result["models"].items() if k.startswith("adv teacher"))
+    assert {r["attack"] for r in teacher["rows"]} >= {"pgd_sat", "fgsm", "pgd_trades", "cw_inf"}
+    assert 0 < result["nat_teacher_clean"] <= 1
+    assert set(result["budget"]["stages"]) == {"nat", "adv", "student"}
     if SHARED.is_dir():
         assert rows["fgsm"]["clean"] > 0.15  # better than chance on the real slice
 
+    cache = run_dir / "teachers"
+    entries = sorted(cache.iterdir())
+    assert [e.name.split("-")[0] for e in entries] == ["natural", "sat"]
+    stamps = {e: (e / "done.json").stat().st_mtime_ns for e in entries}
+    common = ["--tiny", "--data-dir", str(cifar_slice), "--teacher-cache", str(cache), "--quiet"]
     report3 = load("three_teachers").main([*common, "--run-dir", str(tmp_path / "three"), "--epochs", "1",
                                            "--eval-n", "100"])
     assert {e: (e / "done.json").stat().st_mtime_ns for e in entries} == stamps  # reused, not retrained
@@ -47,3 +68,15 @@ def test_reference_example_then_three_teachers_reusing_the_cached_teachers(cifar
                if line]
     last = [m for m in metrics if m["type"] == "step"][-1]
     assert len(last["w"]) == 3 and abs(sum(last["w"]) - 1) < 1e-5
+
+
+def test_reference_wrapper_out_of_time_still_ends_with_an_evaluated_student(cifar_slice, tmp_path):
+    """A budget far too small: every stage trains its minimum (one epoch), the student's PGD_SAT row runs
+    regardless, the rows that do not fit are listed as skipped, and the run exits 0 with its table."""
+    out = tmp_path / "out"
+    proc = run_reference(out, tmp_path / "ref", cifar_slice, 1, "--eval-n", "64")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "eval.json").read_text())
+    assert [r["attack"] for r in result["rows"]] == ["pgd_sat"]
+    assert result["skipped"] and all(s["spent_s"] > 0 for s in result["budget"]["stages"].values())
+    assert "Test set, n = 64" in proc.stdout

@@ -1,0 +1,483 @@
+"""Wall-clock budgets: TimeBudget, EpochPlanner and the budgeted Trainer, all driven by fake clocks."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+
+import pytest
+import torch
+
+import multiteach as mt
+from multiteach.budget import EpochPlanner, TimeBudget
+from multiteach.config import ExperimentConfig
+from multiteach.data import TensorLoader, synthetic
+from tests.conftest import tiny_net
+
+
+class FakeClock:
+    """A clock that only moves when the test moves it."""
+
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+# ---------------------------------------------------------------- TimeBudget
+
+
+def test_stages_share_the_time_left_before_the_reserve():
+    clk = FakeClock()
+    b = TimeBudget(100, {"a": 1, "b": 3}, reserve_s=20, clock=clk)
+    assert b.allot("a") == pytest.approx((100 - 20) * 1 / 4)  # 20
+    clk.t = 20.0
+    assert b.finish("a") == pytest.approx(20.0)
+    assert b.allot("b") == pytest.approx((100 - 20 - 20) * 3 / 3)  # 60: the whole rest before the reserve
+    clk.t = 80.0
+    b.finish("b")
+    assert b.left() == pytest.approx(20.0)  # exactly the reserve is left
+
+
+def test_an_overrun_shortens_the_later_stages_and_keeps_the_deadline():
+    clk = FakeClock()
+    b = TimeBudget(120, {"a": 1, "b": 1, "c": 2}, clock=clk)
+    assert b.allot("a") == pytest.approx(30.0)
+    clk.t = 30.0  # on time
+    b.finish("a")
+    assert b.allot("b") == pytest.approx(90 * 1 / 3)  # 30
+    clk.t = 75.0  # b took 45 s instead of 30: 15 s over
+    assert b.finish("b") == pytest.approx(45.0)
+    c = b.allot("c")
+    assert c == pytest.approx(60.0 - 15.0)  # c's planned 60 s minus b's overrun
+    assert clk.t + c == pytest.approx(120.0)  # the run still ends at the deadline
+
+    # the same with a reserve: the overrun never eats into it
+    clk = FakeClock()
+    b = TimeBudget(100, {"a": 1, "b": 3}, reserve_s=20, clock=clk)
+    assert b.allot("a") == pytest.approx(20.0)
+    clk.t = 50.0  # 30 s over
+    b.finish("a")
+    assert b.allot("b") == pytest.approx(60.0 - 30.0)
+    assert clk.t + 30.0 + b.reserve_s == pytest.approx(100.0)
+
+
+def test_a_skipped_stage_gives_its_share_to_the_others():
+    clk = FakeClock()
+    b = TimeBudget(120, {"a": 1, "b": 1, "c": 2}, clock=clk)
+    b.skip("a")
+    assert b.allot("b") == pytest.approx(120 * 1 / 3)  # 40 instead of 30
+    clk.t = 40.0
+    b.finish("b")
+    assert b.allot("c") == pytest.approx(80.0)
+    with pytest.raises(ValueError, match="already started"):
+        b.allot("a")  # a skipped stage cannot be started
+
+
+def test_allot_never_gives_less_than_a_second():
+    clk = FakeClock()
+    b = TimeBudget(10, {"a": 1, "b": 1}, clock=clk)
+    clk.t = 50.0  # 40 s past the deadline
+    assert b.left() == pytest.approx(-40.0)
+    assert b.allot("a") == 1.0
+    clk = FakeClock()
+    b = TimeBudget(100, {"a": 1}, reserve_s=20, clock=clk)
+    clk.t = 90.0  # 10 s left, less than the 20 s reserve
+    assert b.allot("a") == 1.0
+    assert b.allotted["a"] == 1.0
+
+
+def test_start_and_clock_of_a_budget():
+    clk = FakeClock(5.0)
+    b = TimeBudget(100, {"a": 1}, clock=clk)
+    assert b.start == 5.0 and b.elapsed() == 0.0 and b.left() == 100.0
+    b = TimeBudget(100, {"a": 1}, clock=clk, start=-5.0)  # started 10 s ago
+    assert b.elapsed() == pytest.approx(10.0) and b.left() == pytest.approx(90.0)
+    assert b.allot("a") == pytest.approx(90.0)
+
+
+def test_unknown_and_duplicate_stages_are_errors():
+    clk = FakeClock()
+    b = TimeBudget(100, {"a": 1, "b": 1}, clock=clk)
+    with pytest.raises(KeyError, match="unknown stage 'x'"):
+        b.allot("x")
+    b.allot("a")
+    with pytest.raises(ValueError, match="already started"):
+        b.allot("a")  # while it runs
+    b.finish("a")
+    with pytest.raises(ValueError, match="already started"):
+        b.allot("a")  # after it ran
+    with pytest.raises(KeyError):
+        b.finish("b")  # never started
+    with pytest.raises(ValueError, match="> 0 seconds"):
+        TimeBudget(0, {"a": 1}, clock=clk)
+    with pytest.raises(ValueError, match="positive weights"):
+        TimeBudget(10, {}, clock=clk)
+    with pytest.raises(ValueError, match="positive weights"):
+        TimeBudget(10, {"a": 1, "b": 0}, clock=clk)
+
+
+def test_summary_lists_the_finished_and_skipped_stages():
+    clk = FakeClock()
+    b = TimeBudget(100, {"a": 1, "b": 1, "c": 2}, reserve_s=20, clock=clk)
+    b.skip("b")
+    assert b.allot("a") == pytest.approx(80 / 3)
+    clk.t = 30.04
+    b.finish("a")
+    b.allot("c")  # still running: not in the summary yet
+    clk.t = 31.26
+    assert b.summary() == {
+        "budget_s": 100.0,
+        "elapsed_s": 31.3,
+        "stages": {"b": {"allotted_s": 0.0, "spent_s": 0.0},
+                   "a": {"allotted_s": round(80 / 3, 1), "spent_s": 30.0}},
+    }
+    b.finish("c")
+    s = b.summary()["stages"]["c"]
+    assert s["allotted_s"] == round((100 - 30.04 - 20) * 2 / 2, 1) and s["spent_s"] == pytest.approx(1.2)
+
+
+# ---------------------------------------------------------------- EpochPlanner
+
+
+def _planner(clk, **kw):
+    calls = []
+    base = dict(seconds=100.0, steps_per_epoch=10, skip=4, measure=6, fraction=0.9, clock=clk,
+                sync=lambda: calls.append(clk()))
+    p = EpochPlanner(**{**base, **kw})
+    p.begin()
+    return p, calls
+
+
+def _steps(p, clk, first, last, dt, spe=10):
+    """Steps first..last (1-based global step numbers), each taking dt seconds; the non-None plans."""
+    plans = {}
+    for i in range(first, last + 1):
+        clk.t += dt
+        r = p.on_step(i / spe)
+        if r is not None:
+            plans[i] = r
+    return plans
+
+
+def test_the_plan_comes_from_the_measured_steps():
+    clk = FakeClock()
+    p, syncs = _planner(clk)
+    clk.t += 2.5  # a 3 s first step (autotuning), then 0.5 s steps
+    plans = _steps(p, clk, 1, 10, 0.5)
+    # skip at step 4 (t = 4.5), measured at step 10 (t = 7.5): 0.5 s/step
+    # left = 100 * 0.9 - 7.5 = 82.5 s; floor(1.0 + 82.5 / (0.5 * 10)) = floor(17.5) = 17
+    assert plans == {10: 17}
+    assert p.step_s == pytest.approx(0.5) and p.epochs == 17
+    assert syncs == [4.5, 7.5]  # sync at the two timing points, before the clock is read
+    assert _steps(p, clk, 11, 60, 0.5) == {}  # the plan is made once
+    assert len(syncs) == 2
+
+
+@pytest.mark.parametrize("kw, expected", [
+    (dict(max_epochs=10), 10),  # 17 clipped to max
+    (dict(min_epochs=30), 30),  # 17 raised to min
+    (dict(min_epochs=2, max_epochs=40), 17),
+    (dict(seconds=5.0), 3),  # time already up at step 10: the epoch in progress (2.5 -> 3) is finished
+    (dict(epochs=7), 7),  # a resumed stage keeps the plan it made
+])
+def test_the_plan_is_clipped(kw, expected):
+    clk = FakeClock()
+    spe = 4 if "seconds" in kw else 10
+    p, syncs = _planner(clk, steps_per_epoch=spe, **kw)
+    clk.t += 2.5
+    plans = _steps(p, clk, 1, 10, 0.5, spe=spe)
+    if "seconds" in kw:
+        # left = 5 * 0.9 - 7.5 = -3; floor(2.5 - 3 / (0.5 * 4)) = 1 -> min 1 -> at least ceil(2.5) = 3
+        assert math.floor(2.5 + (5 * 0.9 - 7.5) / (0.5 * 4)) == 1
+    assert plans == {10: expected}
+    assert len(syncs) == 2
+
+
+def _planned(clk, **kw):
+    """A planner after 20 steps of 0.5 s (3 s for the first) at 10 steps per epoch: the plan is 17."""
+    p, _ = _planner(clk, **kw)
+    clk.t += 2.5
+    plans = _steps(p, clk, 1, 20, 0.5)
+    assert plans == {10: 17} and clk.t == pytest.approx(12.5)
+    return p
+
+
+def test_on_epoch_end_keeps_the_plan_when_on_time():
+    clk = FakeClock()
+    p = _planned(clk)
+    # per epoch (12.5 - 4.5) / 16 * 10 = 5 s; left 87.5 s: 2 + 17 = 19 epochs would fit, the plan stays 17
+    assert p.on_epoch_end(2, 17) == 17
+    assert p.on_epoch_end(17, 17) == 17  # done
+    assert p.on_epoch_end(20, 17) == 17
+
+
+def test_on_epoch_end_shortens_the_plan_when_the_steps_got_slower():
+    clk = FakeClock()
+    p = _planned(clk)
+    _steps(p, clk, 21, 30, 2.0)  # 4x slower: t = 32.5
+    # per epoch (32.5 - 4.5) / (30 - 4) * 10 = 10.77 s; left 67.5 s; 3 + floor(6.27) = 9
+    assert p.on_epoch_end(3, 17) == 9
+    # not even half an epoch left: stop after the epoch just done
+    clk.t = 100 - 5.0  # per epoch (95 - 4.5) / 26 * 10 = 34.8 s; 5 s left
+    assert p.on_epoch_end(3, 17) == 3
+    # more than half an epoch left, less than one: one more epoch
+    clk.t = 80.0  # per epoch (80 - 4.5) / 26 * 10 = 29.0 s; 20 s left
+    assert p.on_epoch_end(3, 17) == 4
+
+
+def test_on_epoch_end_stops_when_the_time_is_up():
+    clk = FakeClock()
+    p = _planned(clk)
+    clk.t = 100.0
+    assert p.on_epoch_end(2, 17) == 2
+    clk.t = 250.0
+    assert p.on_epoch_end(5, 17) == 5
+
+
+def test_on_epoch_end_never_lengthens_the_plan():
+    clk = FakeClock()
+    p = _planned(clk)
+    for planned in (1, 3, 5, 17):
+        for t in (12.5, 20.0, 50.0, 99.0, 150.0):
+            clk.t = t
+            for done in range(0, planned + 1):
+                assert p.on_epoch_end(done, planned) <= planned
+    clk.t = 12.5
+    assert p.on_epoch_end(2, 5) == 5  # 19 epochs would fit: a plan of 5 stays 5
+
+
+def test_on_epoch_end_before_the_warm_up_keeps_the_plan():
+    clk = FakeClock()
+    p, syncs = _planner(clk)
+    _steps(p, clk, 1, 4, 10.0)  # very slow, but only the warm-up steps ran
+    assert p.on_epoch_end(1, 50) == 50
+    assert syncs == [40.0]
+
+
+# ---------------------------------------------------------------- the budgeted Trainer
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny CPU steps gain nothing from intra-op threads, and lose a lot when the 2 cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SPE = 8  # 64 images, batch 8, drop_last: 8 steps per epoch (batch 8 keeps a step cheap on 2 CPU cores)
+LR = 0.05
+
+
+def _loader():
+    return TensorLoader(synthetic(64, seed=0), 8, shuffle=True, augment=True, drop_last=True, seed=0)
+
+
+def _val():
+    return TensorLoader(synthetic(32, seed=1), 32)
+
+
+def _cfg(budget, **kw):
+    base = dict(epochs=20, time_budget_s=budget, batch_size=8, lr=LR, schedule="cosine", milestones=[],
+                warmup_epochs=0, log_every=1, progress=False, eval_every=100, eval_pgd_steps=2, device="cpu")
+    return mt.TrainConfig(**{**base, **kw})
+
+
+def _natural(seed=0):
+    torch.manual_seed(seed)
+    return mt.presets.natural(tiny_net())
+
+
+def _trainer(run_dir, budget, *, extra=lambda step: 0.0, val=True, step_s=1.0, recipe=None, **kw):
+    """A Trainer whose clock reads step_s seconds per optimizer step done (plus extra(step))."""
+    box = {}
+
+    def clock():
+        t = box.get("trainer")
+        step = t.global_step if t is not None else 0  # 0 while the Trainer is built (the planner begins there)
+        return step * step_s + extra(step)
+
+    trainer = mt.Trainer(recipe or _natural(), _loader(), _cfg(budget, **kw), val_loader=_val() if val else None,
+                         run_dir=run_dir, clock=clock)
+    box["trainer"] = trainer
+    return trainer
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _lrs(run_dir):
+    return [(r["step"], r["lr"]) for r in _records(run_dir) if r["type"] == "step"]
+
+
+def _cosine(plans, last):
+    """The logged (step, lr) of steps 1..last under a cosine whose length is ``plans[k]`` epochs from step k on:
+    a step's LR is computed before it, at global step - 1, from the epoch count in force then."""
+    out, epochs = [], None
+    for step in range(1, last + 1):
+        epochs = plans.get(step, epochs)
+        out.append((step, LR * 0.5 * (1 + math.cos(math.pi * min((step - 1) / (epochs * SPE), 1.0)))))
+    return out
+
+
+def _assert_lrs(run_dir, plans, last):
+    got, want = _lrs(run_dir), _cosine(plans, last)
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert [lr for _, lr in got] == pytest.approx([lr for _, lr in want], rel=1e-6, abs=1e-12)
+
+
+# At 1 s per step, with skip 8 and measure 24, a budget of 55 s gives:
+#   epoch ends before the plan (steps 8, 16, 24) cut nothing: the time is not up, the rate not yet measured
+#   step 32 (epoch 4.0, t = 32): 1 s/step; 55 * 0.92 - 32 = 18.6 s left: floor(4 + 18.6 / 8) = 6 epochs
+#   every later epoch end: e + floor((55 - 8 e) / 8) = 6 -> kept. The run ends at 6 epochs, step 48.
+PLAN_55 = {1: 20, 33: 6}
+
+
+def test_a_budgeted_run_ends_after_the_planned_epochs(tmp_path):
+    assert math.floor(4 + (55 * 0.92 - 32) / (1.0 * SPE)) == 6
+    trainer = _trainer(tmp_path, 55)
+    res = trainer.fit()
+    assert res.status == "finished"
+    assert res.epoch == 6 and res.global_step == 6 * SPE and trainer.cfg.epochs == 6
+    assert trainer.planner.epochs == 6 and trainer.planner.step_s == pytest.approx(1.0)
+
+    rows = _records(tmp_path)
+    epochs = [r for r in rows if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4, 5, 6]
+    # the schedule follows the plan: a cosine over 6 epochs once it is made, annealed at the end
+    _assert_lrs(tmp_path, PLAN_55, 48)
+    assert _lrs(tmp_path)[-1][1] < 0.01 * LR
+    # eval_every is larger than the run: only the final epoch is validated, and it writes best.pt
+    assert [r["epoch"] for r in epochs if "val_clean" in r] == [6]
+    assert (tmp_path / "best.pt").is_file()
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["epoch"] == 6 and res.best["epoch"] == 6
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["planned_epochs"] == 6
+
+
+def test_a_budget_larger_than_max_epochs_trains_max_epochs(tmp_path):
+    trainer = _trainer(tmp_path, 10_000, val=False, epochs=4)  # the plan at step 32 is clipped to 4
+    res = trainer.fit()
+    assert res.status == "finished" and res.epoch == 4 and res.global_step == 4 * SPE
+    assert trainer.planner.epochs == 4
+    _assert_lrs(tmp_path, {1: 4}, 32)
+
+
+def test_a_run_that_slows_down_ends_earlier_than_planned(tmp_path):
+    # 1 s/step, budget 100 s: the plan at step 32 is floor(4 + (100 * 0.92 - 32) / 8) = 11 epochs, kept at the
+    # ends of epochs 4 and 5 (e + floor((100 - 8 e) / 8) = 12).
+    # Then the clock jumps 30 s after step 40 (a stall): at the end of epoch 6 (step 48, t = 78) an epoch
+    # takes (78 - 8) / (48 - 8) * 8 = 14 s, 22 s are left: 6 + floor(22 / 14) = 7 epochs. Epoch 7 ends the run.
+    assert math.floor(4 + (100 * 0.92 - 32) / SPE) == 11
+    assert 6 + math.floor((100 - 78) / ((78 - 8) / (48 - 8) * SPE)) == 7
+    trainer = _trainer(tmp_path, 100, extra=lambda step: 30.0 if step > 40 else 0.0)
+    res = trainer.fit()
+    assert res.status == "finished"
+    assert res.epoch == 7 and res.global_step == 7 * SPE and trainer.cfg.epochs == 7
+    assert trainer.planner.epochs == 7  # the plan made at step 32 (11), shortened afterwards
+    rows = _records(tmp_path)
+    epochs = [r for r in rows if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == list(range(1, 8))
+    assert [r["epoch"] for r in epochs if "val_clean" in r] == [7]  # the shortened last epoch is validated
+    assert (tmp_path / "best.pt").is_file()
+    _assert_lrs(tmp_path, {1: 20, 33: 11, 49: 7}, 56)  # re-annealed to the shorter plan
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["planned_epochs"] == 7
+
+
+def test_the_time_up_at_the_end_of_an_epoch_stops_the_run(tmp_path):
+    # as above, but a 100 s stall after step 40 puts the clock past the budget at the end of epoch 6
+    trainer = _trainer(tmp_path, 100, extra=lambda step: 100.0 if step > 40 else 0.0)
+    res = trainer.fit()
+    assert res.status == "finished" and res.epoch == 6 and res.global_step == 6 * SPE
+    epochs = [r for r in _records(tmp_path) if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs if "val_clean" in r] == [6]
+    assert (tmp_path / "best.pt").is_file()
+
+
+class SignalAtStep:
+    """Wraps a recipe's forward and raises SIGTERM in the process after its k-th step."""
+
+    def __init__(self, forward, k):
+        self.forward, self.k, self.n = forward, k, 0
+
+    def __call__(self, x, y, model=None):
+        out = self.forward(x, y, model)
+        self.n += 1
+        if self.n == self.k:
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+
+def _stop_and_resume(cut_dir, budget, k):
+    trainer = _trainer(cut_dir, budget, val=False)
+    trainer.recipe.forward = SignalAtStep(trainer.recipe.forward, k)
+    res = trainer.fit()
+    assert res.status.startswith("interrupted") and res.global_step == k
+    ckpt = torch.load(cut_dir / "last.pt", weights_only=True)
+    resumed = _trainer(cut_dir, budget, val=False, recipe=_natural(seed=1))  # a fresh config: max epochs 20
+    return ckpt, resumed, resumed.fit()
+
+
+def test_a_resumed_run_keeps_its_plan(tmp_path):
+    # SIGTERM at step 36: after the plan (step 32), in the middle of epoch 5. The uninterrupted run under the
+    # same budget (test_a_budgeted_run_ends_after_the_planned_epochs) ends at 6 epochs, step 48.
+    ckpt, resumed, res = _stop_and_resume(tmp_path, 55, 36)
+    assert ckpt["planned_epochs"] == 6 and ckpt["global_step"] == 36 and ckpt["step_in_epoch"] == 4
+    assert resumed.cfg.epochs == 6 and resumed.planner.epochs == 6
+    assert res.status == "finished" and res.epoch == 6 and res.global_step == 48
+    _assert_lrs(tmp_path, PLAN_55, 48)  # the same LR trace as the uninterrupted run
+
+
+def test_a_run_stopped_before_its_plan_plans_after_the_resume(tmp_path):
+    # Stopped at step 3, before any plan: last.pt holds no plan, and the resumed stage plans at its own
+    # 8 + 24th step, step 35 (t = 35, 1 s/step; its budget counts from its construction, where this fake
+    # clock reads 0): floor(35 / 8 + (60 * 0.92 - 35) / 8) = floor(4.375 + 2.525) = 6 epochs.
+    ckpt, resumed, res = _stop_and_resume(tmp_path, 60, 3)
+    assert ckpt["planned_epochs"] is None
+    assert resumed.planner.epochs == math.floor(35 / SPE + (60 * 0.92 - 35) / SPE) == 6
+    assert res.status == "finished" and res.epoch == 6 and res.global_step == 6 * SPE
+
+
+def test_a_slow_start_does_not_cut_the_run_before_the_plan(tmp_path):
+    # 1 s/step except steps 9..16 (3 s each: late autotuning), budget 100 s: the end of epoch 2 (t = 32) is
+    # before the plan and the time is not up, so nothing is cut from a partial rate; the plan at step 32
+    # (t = 48): (48 - 8) / 24 = 1.67 s/step, 92 - 48 = 44 s left: floor(4 + 44 / 13.3) = 7 epochs.
+    trainer = _trainer(tmp_path, 100, val=False, extra=lambda step: 2.0 * min(max(step - 8, 0), 8))
+    res = trainer.fit()
+    assert res.status == "finished" and res.epoch == 7
+    lrs = [lr for _, lr in _lrs(tmp_path)]
+    assert all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:]))  # the LR never rises again
+
+
+def test_planner_with_no_warm_up_steps():
+    clk = FakeClock()
+    p, _ = _planner(clk, skip=0, measure=6)
+    plans = _steps(p, clk, 1, 6, 0.4)
+    # timed from begin(): 0.4 s/step, left 90 - 2.4 = 87.6 s: floor(0.6 + 87.6 / 4) = floor(22.5) = 22
+    assert plans == {6: 22}
+
+
+# ---------------------------------------------------------------- the cache digest
+
+
+def test_the_digest_ignores_the_budget_but_not_the_epochs():
+    def exp(**train):
+        return ExperimentConfig(preset="natural", student={"model": "cifar_resnet18"}, train=train)
+
+    plain = exp(epochs=30).digest()
+    assert exp(epochs=30, time_budget_s=100.0).digest() == plain
+    assert exp(epochs=30, time_budget_s=3600.0).digest() == plain
+    assert exp(epochs=31, time_budget_s=100.0).digest() != plain
+    assert exp(epochs=31).digest() != plain
+
+    from multiteach.pipeline import cache_entry
+
+    a, b = exp(epochs=30, time_budget_s=100.0), exp(epochs=30, time_budget_s=900.0)
+    assert cache_entry(a, "cache") == cache_entry(b, "cache")
+    assert cache_entry(a, "cache") != cache_entry(exp(epochs=40, time_budget_s=100.0), "cache")
+    # the budget still reaches the trainer's config (only the digest ignores it)
+    assert a.train.time_budget_s == 100.0 and a.model_dump()["train"]["time_budget_s"] == 100.0

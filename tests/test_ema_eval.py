@@ -1,0 +1,390 @@
+"""The student's EMA (hand-computed, checkpointed, validated), TimedEvaluation's time rules, the KL reduction."""
+
+import copy
+import importlib
+import inspect
+import json
+import signal
+
+import pytest
+import torch
+
+import multiteach as mt
+import multiteach.trainer as mt_trainer
+from multiteach.data import TensorLoader, synthetic
+from multiteach.evaluate import TimedEvaluation, correct_mask
+from multiteach.presets import PRESETS
+from tests.conftest import tiny_net
+
+DECAY = 0.6  # 1 - (1 + s)^-0.75 passes 0.6 at s = 3: the warmup AND the cap both show up in a 12-step run
+
+
+def _loader(n=128, seed=0):  # 4 steps per epoch
+    return TensorLoader(synthetic(n, seed=seed), 32, shuffle=True, augment=True, drop_last=True, seed=0)
+
+
+def _cfg(**kw):
+    base = dict(epochs=2, batch_size=32, lr=0.05, milestones=[1], log_every=1, progress=False, eval_every=0,
+                ema_decay=DECAY)
+    return mt.TrainConfig(**{**base, **kw})
+
+
+def _mtard(seed=0):
+    torch.manual_seed(seed)
+    return mt.presets.mtard(tiny_net(), mt.Teacher(tiny_net()), mt.Teacher(tiny_net()), steps=2)
+
+
+def _natural(seed=0):
+    torch.manual_seed(seed)
+    return mt.presets.natural(tiny_net())
+
+
+def _clone(state):
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _assert_states_equal(a, b):
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def timm_decay(k, d):
+    """timm ModelEmaV3.get_decay(step=k), update_after_step 0, warmup (gamma 1, power 3/4), min_decay 0."""
+    s = max(0, k - 1)
+    return 0.0 if s <= 0 else min(d, 1 - (1 + s) ** -0.75)
+
+
+# ----------------------------------------------------------------------------- 1. EMA against a hand computation
+def test_ema_matches_a_float64_hand_computation_of_params_and_bn_buffers(tmp_path):
+    trainer = mt.Trainer(_natural(), _loader(), _cfg(epochs=3, lr=0.1), run_dir=tmp_path)
+    student = trainer.recipe.student
+    init = _clone(student.state_dict())
+    snaps = []
+    step = trainer.optimizer.step
+
+    def recording_step(*a, **kw):  # the student's state as the EMA update sees it (BN stats already moved)
+        out = step(*a, **kw)
+        snaps.append(_clone(student.state_dict()))
+        return out
+
+    trainer.optimizer.step = recording_step
+    res = trainer.fit()
+    assert res.global_step == len(snaps) == 12
+
+    ema = {k: v.double() if v.is_floating_point() else v.clone() for k, v in init.items()}
+    for k, snap in enumerate(snaps, start=1):
+        d = timm_decay(k, DECAY)
+        for name, v in snap.items():
+            ema[name] = d * ema[name] + (1 - d) * v.double() if v.is_floating_point() else v.clone()
+    assert timm_decay(1, DECAY) == 0.0 and timm_decay(2, DECAY) == pytest.approx(1 - 2 ** -0.75)
+    assert timm_decay(12, DECAY) == DECAY  # the cap was reached
+
+    got = trainer.ema.module.state_dict()
+    assert list(got) == list(ema)
+    buffers = [k for k in got if "running_" in k]
+    assert buffers  # BatchNorm running stats are averaged too, not copied
+    for name, want in ema.items():
+        if want.is_floating_point():
+            torch.testing.assert_close(got[name].double(), want, rtol=1e-6, atol=1e-6, msg=name)
+        else:  # num_batches_tracked: copied from the student
+            assert torch.equal(got[name], snaps[-1][name]), name
+    for name in buffers:  # and the average really differs from the last raw value
+        assert not torch.allclose(got[name], snaps[-1][name])
+    assert not trainer.ema.module.training  # the EMA copy stays in eval mode
+
+
+def test_ema_first_update_copies_the_student_exactly(tmp_path):
+    trainer = mt.Trainer(_natural(), _loader(), _cfg(epochs=1, steps_per_epoch=1), run_dir=tmp_path)
+    trainer.fit()
+    _assert_states_equal(trainer.ema.module.state_dict(), trainer.recipe.student.state_dict())
+
+
+# ----------------------------------------------------------------------------- 2. checkpoint / resume
+class SignalAtStep:
+    """Wraps a recipe's forward and raises SIGTERM in the process after its k-th step."""
+
+    def __init__(self, forward, k):
+        self.forward, self.k, self.n = forward, k, 0
+
+    def __call__(self, x, y, model=None):
+        out = self.forward(x, y, model)
+        self.n += 1
+        if self.n == self.k:
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+
+def test_interrupted_and_resumed_ema_is_bit_identical(tmp_path):
+    ref = mt.Trainer(_mtard(), _loader(), _cfg(), run_dir=tmp_path / "ref")
+    ref.fit()
+
+    cut = mt.Trainer(_mtard(), _loader(), _cfg(), run_dir=tmp_path / "cut")
+    cut.recipe.forward = SignalAtStep(cut.recipe.forward, 3)  # mid-epoch 1
+    res = cut.fit()
+    assert res.status.startswith("interrupted") and res.global_step == 3
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert saved["step_in_epoch"] == 3
+    _assert_states_equal(saved["ema"], cut.ema.module.state_dict())
+
+    fresh = _mtard()
+    with torch.no_grad():  # a wiped student: the EMA must come from the checkpoint, not from this copy
+        for p in fresh.student.parameters():
+            p.zero_()
+    resumed = mt.Trainer(fresh, _loader(), _cfg(), run_dir=tmp_path / "cut")
+    res = resumed.fit()
+    assert res.status == "finished" and res.global_step == ref.global_step == 8
+    _assert_states_equal(resumed.ema.module.state_dict(), ref.ema.module.state_dict())
+    _assert_states_equal(resumed.recipe.student.state_dict(), ref.recipe.student.state_dict())
+    last = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    _assert_states_equal(last["ema"], ref.ema.module.state_dict())
+    assert not torch.equal(last["ema"]["linear.weight"], last["student"]["linear.weight"])  # a real average
+
+
+def test_resuming_with_ema_from_a_checkpoint_without_ema_is_refused(tmp_path):
+    mt.Trainer(_natural(), _loader(), _cfg(epochs=1, ema_decay=None), run_dir=tmp_path).fit()
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["ema"] is None
+    with pytest.raises(mt_trainer.ConfigMismatchError, match="EMA"):
+        mt.Trainer(_natural(), _loader(), _cfg(epochs=2), run_dir=tmp_path).fit()
+    # without EMA the same checkpoint resumes
+    res = mt.Trainer(_natural(), _loader(), _cfg(epochs=2, ema_decay=None), run_dir=tmp_path).fit()
+    assert res.status == "finished" and res.epoch == 2
+
+
+# ----------------------------------------------------------------------------- 3. validation: raw or EMA
+def _epoch_records(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["type"] == "epoch"]
+
+
+def _recording_evaluate(trainer, seen):
+    evaluate = trainer.evaluate
+
+    def wrapped(model=None):
+        m = evaluate(model)
+        tag = "ema" if model is trainer.ema.module else "raw"
+        seen[(trainer.epoch, tag)] = (m, _clone(model.state_dict()))
+        return m
+
+    return wrapped
+
+
+def test_validation_reports_raw_and_ema_and_best_pt_keeps_the_better(tmp_path):
+    val = TensorLoader(synthetic(32, seed=1), 32)
+    cfg = _cfg(epochs=3, lr=0.1, milestones=[], eval_every=1, eval_pgd_steps=2)
+    trainer = mt.Trainer(_natural(), _loader(), cfg, val_loader=val, run_dir=tmp_path)
+    seen = {}
+    trainer.evaluate = _recording_evaluate(trainer, seen)
+    res = trainer.fit()
+
+    records = _epoch_records(tmp_path)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    best = None
+    for r in records:
+        for p in ("val_", "val_ema_"):
+            for k in ("clean", "robust", "w_robust"):
+                assert 0.0 <= r[p + k] <= 1.0
+            assert r[p + "w_robust"] == pytest.approx((r[p + "clean"] + r[p + "robust"]) / 2)
+        for tag, p in (("raw", "val_"), ("ema", "val_ema_")):
+            m = seen[(r["epoch"], tag)][0]
+            assert {k: r[p + k] for k in m} == m
+            if best is None or m["w_robust"] > best[2]["w_robust"]:  # raw first, ties keep the earlier
+                best = (r["epoch"], tag, m)
+
+    ckpt = torch.load(tmp_path / "best.pt", weights_only=True)
+    epoch, tag, metrics = best
+    assert (ckpt["epoch"], ckpt["weights"]) == (epoch, tag)
+    assert ckpt["metrics"] == metrics
+    assert res.best["weights"] == tag and res.best["epoch"] == epoch
+    _assert_states_equal(ckpt["student"], seen[(epoch, tag)][1])
+    if epoch == 3:  # the best is the last epoch's: best.pt holds the live EMA (or raw) weights
+        live = trainer.ema.module if tag == "ema" else trainer.recipe.student
+        _assert_states_equal(ckpt["student"], live.state_dict())
+
+
+def test_best_pt_switches_between_raw_and_ema_by_w_robust(tmp_path, monkeypatch):
+    """Scripted validation scores: epoch 1 raw wins, epoch 2 the EMA beats it, epoch 3 beats neither."""
+    val = TensorLoader(synthetic(32, seed=1), 32)
+    cfg = _cfg(epochs=3, lr=0.1, milestones=[], eval_every=1)
+    trainer = mt.Trainer(_natural(), _loader(), cfg, val_loader=val, run_dir=tmp_path)
+    script = {(1, "raw"): (0.5, 0.3), (1, "ema"): (0.4, 0.2), (2, "raw"): (0.5, 0.2), (2, "ema"): (0.6, 0.4),
+              (3, "raw"): (0.7, 0.1), (3, "ema"): (0.9, 0.05)}
+    states, best_before = {}, {}
+
+    def fake(model, loader, steps=20, eps=8 / 255, dist=None):
+        tag = "ema" if model is trainer.ema.module else "raw"
+        key = (trainer.epoch, tag)
+        states[key] = _clone(model.state_dict())
+        if tag == "raw" and (tmp_path / "best.pt").is_file():
+            best_before[trainer.epoch] = torch.load(tmp_path / "best.pt", weights_only=True)
+        clean, robust = script[key]
+        return {"clean": clean, "robust": robust}
+
+    monkeypatch.setattr(mt_trainer, "clean_and_pgd", fake)
+    trainer.fit()
+
+    after_1 = best_before[2]
+    assert after_1["weights"] == "raw" and after_1["epoch"] == 1
+    assert after_1["metrics"] == {"clean": 0.5, "robust": 0.3, "w_robust": pytest.approx(0.4)}
+    _assert_states_equal(after_1["student"], states[(1, "raw")])
+
+    ckpt = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert ckpt["weights"] == "ema" and ckpt["epoch"] == 2
+    assert ckpt["metrics"] == {"clean": 0.6, "robust": 0.4, "w_robust": pytest.approx(0.5)}
+    _assert_states_equal(ckpt["student"], states[(2, "ema")])
+    assert not torch.equal(states[(2, "ema")]["linear.weight"], states[(2, "raw")]["linear.weight"])
+    rec = _epoch_records(tmp_path)[1]
+    assert (rec["val_clean"], rec["val_ema_clean"]) == (0.5, 0.6)
+    assert trainer.best["weights"] == "ema" and trainer.best["score"] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- 4. TimedEvaluation
+class Counted:
+    """An attack that counts its calls; ``steps`` (the cost attack_cost reads) may claim far more than it runs."""
+
+    def __init__(self, attack, steps=None, on_call=None, fail_at=None):
+        self.attack, self.calls, self.on_call, self.fail_at = attack, 0, on_call, fail_at
+        self.steps = attack.steps if steps is None else steps
+
+    def __call__(self, model, x, y):
+        self.calls += 1
+        if self.fail_at is not None and self.calls >= self.fail_at:
+            raise RuntimeError("kaboom")
+        out = self.attack(model, x, y)
+        if self.on_call is not None:
+            self.on_call(self.calls)
+        return out
+
+    def __repr__(self):
+        return f"Counted({self.attack!r})"
+
+
+@pytest.fixture(scope="module")
+def net_and_data():
+    """An untrained tiny net and 64 images, labelled so that exactly the first 24 are classified correctly."""
+    net = tiny_net(seed=0).eval()
+    a = synthetic(64, seed=1)
+    x = torch.from_numpy(a.x).permute(0, 3, 1, 2).contiguous().float() / 255
+    with torch.no_grad():
+        pred = net(x).argmax(1)
+    y = torch.where(torch.arange(64) < 24, pred, (pred + 1) % 10)
+    assert correct_mask(net, x, y).tolist() == [True] * 24 + [False] * 40
+    return net, x, y
+
+
+def _pgd(start="uniform"):
+    return mt.PGD(8 / 255, 2 / 255, 2, start=start)
+
+
+def test_timed_rows_that_would_not_fit_are_skipped_and_required_rows_run(net_and_data):
+    net, x, y = net_and_data
+    budget = [1e9]
+    te = TimedEvaluation(x, y, left=lambda: budget[0], batch_size=64, margin_s=5.0)
+    assert te.clean("m", net) == pytest.approx(24 / 64)
+    cheap, costly = Counted(_pgd()), Counted(_pgd(), steps=10**9)
+    p_cheap, p_costly = te.predict(cheap, 64), te.predict(costly, 64)
+    assert 0 < p_cheap < p_costly and p_costly / p_cheap == pytest.approx(10**9 / 2)
+
+    budget[0] = 5.0 + (p_cheap * p_costly) ** 0.5  # room for the cheap row, not for the costly one
+    row = te.row("m", net, "cheap", cheap)
+    assert row is not None and row.n == 64 and cheap.calls == 1
+    assert row.clean == pytest.approx(24 / 64) and row.w_robust == pytest.approx((row.clean + row.robust) / 2)
+
+    p_costly = te.predict(costly, 64)  # now from the rate measured on the cheap row
+    budget[0] = 5.0 + 0.99 * p_costly  # left() - margin_s just below the prediction: skipped, never called
+    assert te.row("m", net, "costly", costly) is None and costly.calls == 0
+    assert te.skipped == ["m/costly"]
+    budget[0] = 5.0 + 1.01 * p_costly  # just above: it runs
+    assert te.row("m", net, "costly", costly).n == 64 and costly.calls == 1
+
+    budget[0] = -100.0  # no time at all
+    assert te.row("m", net, "late", Counted(_pgd())) is None
+    forced = Counted(_pgd())
+    row = te.row("m", net, "forced", forced, required=True)
+    assert row is not None and row.n == 64 and forced.calls == 1
+    assert te.skipped == ["m/costly", "m/late"]
+    assert [r.attack for r in te.reports["m"].rows] == ["cheap", "costly", "forced"]
+
+
+def test_a_predicted_overrun_via_attack_cost_skips_the_row(net_and_data, monkeypatch):
+    ev = importlib.import_module("multiteach.evaluate")  # the package's `evaluate` attribute is the function
+
+    net, x, y = net_and_data
+    te = TimedEvaluation(x, y, left=lambda: 60.0, batch_size=64, margin_s=5.0)
+    te.clean("m", net)
+    monkeypatch.setattr(ev, "attack_cost", lambda attack: 1e12)
+    attack = Counted(_pgd())
+    assert te.row("m", net, "pgd", attack) is None and attack.calls == 0
+    assert te.skipped == ["m/pgd"] and te.reports["m"].rows == []
+
+
+def test_a_chunked_row_stops_when_time_runs_out_and_reports_the_images_covered(net_and_data):
+    net, x, y = net_and_data
+    budget = [1e9]
+
+    def out_of_time_after_two(calls):
+        if calls == 2:
+            budget[0] = 0.0
+
+    attack = Counted(_pgd("none"), on_call=out_of_time_after_two)
+    te = TimedEvaluation(x, y, left=lambda: budget[0], batch_size=64, margin_s=5.0)
+    te.clean("m", net)
+    row = te.row("m", net, "slow", attack, n=48, chunk=16)
+    assert attack.calls == 2
+    assert row is not None and row.n == 32
+    assert row.clean == pytest.approx(24 / 32)  # the first 32 images' clean accuracy, not all 64's (24 / 64)
+    want = correct_mask(net, x[:32], y[:32], _pgd("none")).float().mean().item()
+    assert row.robust == pytest.approx(want)
+    assert te.reports["m"].rows == [row] and te.skipped == []
+
+    budget[0] = 1e9  # with time left the whole n is covered, in chunks
+    full = Counted(_pgd("none"))
+    row = te.row("m", net, "slow_full", full, n=48, chunk=16)
+    assert full.calls == 3 and row.n == 48 and row.clean == pytest.approx(24 / 48)
+
+
+def test_a_failing_optional_row_is_skipped_with_its_error_and_a_required_one_raises(net_and_data):
+    net, x, y = net_and_data
+    te = TimedEvaluation(x, y, left=lambda: 1e9, batch_size=64, margin_s=5.0)
+    te.clean("m", net)
+    assert te.row("m", net, "boom", Counted(_pgd(), fail_at=1)) is None
+    assert te.skipped == ["m/boom (RuntimeError: kaboom)"]
+    # a chunked row failing in its second chunk drops the first one too
+    assert te.row("m", net, "boom2", Counted(_pgd(), fail_at=2), n=32, chunk=16) is None
+    assert te.skipped == ["m/boom (RuntimeError: kaboom)", "m/boom2 (RuntimeError: kaboom)"]
+    assert te.reports["m"].rows == []
+    with pytest.raises(RuntimeError, match="kaboom"):
+        te.row("m", net, "boom3", Counted(_pgd(), fail_at=1), required=True)
+    assert len(te.skipped) == 2
+    assert te.row("m", net, "ok", Counted(_pgd())).n == 64  # the table goes on
+
+
+# ----------------------------------------------------------------------------- 5. KL reduction option
+TEACHERS = {"mtard": 2, "baseline": 1, "baseline_mt": 2, "mtard3": 3}
+
+
+def _recipe(preset, nets, classes, **kw):
+    student, *teachers = (copy.deepcopy(n) for n in nets)
+    return PRESETS[preset].fn(student, *[mt.Teacher(t) for t in teachers], num_classes=classes, steps=2, **kw)
+
+
+@pytest.mark.parametrize("preset", list(TEACHERS))
+def test_batchmean_is_num_classes_times_the_default_mean(preset):
+    classes = 7  # not 10, so the factor is the class count and not a constant
+    torch.manual_seed(0)
+    nets = [tiny_net(classes) for _ in range(1 + TEACHERS[preset])]
+    g = torch.Generator().manual_seed(5)
+    x, y = 0.1 + 0.8 * torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, classes, (8,), generator=g)
+
+    assert inspect.signature(PRESETS[preset].fn).parameters["reduction"].default == "mean"
+    outs = {}
+    for reduction in (None, "mean", "batchmean"):
+        recipe = _recipe(preset, nets, classes, **({"reduction": reduction} if reduction else {}))
+        want = reduction or "mean"
+        assert [b.loss.reduction for b in recipe.branches] == [want] * TEACHERS[preset]
+        torch.manual_seed(3)  # the same PGD starts for every recipe
+        outs[reduction] = recipe(x, y).losses
+    assert len(outs[None]) == TEACHERS[preset] and torch.isfinite(outs[None]).all()
+    assert (outs[None] > 0).all()
+    torch.testing.assert_close(outs["mean"], outs[None], rtol=0, atol=0)
+    torch.testing.assert_close(outs["batchmean"], classes * outs[None], rtol=1e-5, atol=0)
