@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.run_dir == "runs/mtard_cifar":
         args.run_dir = "runs/three_teachers"
     run = Pipeline(args)
-    teachers = {role: run.teacher(role) for role in ("nat", "adv", "l2")}
+    epochs = {"nat": args.nat_epochs, "adv": args.adv_epochs}
+    teachers = {role: run.teacher(role, epochs=epochs.get(role)) for role in ("nat", "adv", "l2")}
     best = run.student("mtard3", teachers, options={"weighter": args.weighter})
     if not run.dist.is_main:
         return {}

@@ -100,8 +100,35 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {', '.join(parts)} keys. "
             "Was it saved from another architecture or class count? Name the matching model."
         )
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds non-finite values (NaN or inf), first in {bad!r}: "
+                              "it comes from a diverged run; use an earlier checkpoint")
     model.load_state_dict(sd)
     return model
 
 
-__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "load_weights", "state_dict_of"]
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files ``atomic_save`` leaves when a process is killed mid-write (``.NAME.tmpPID`` of a
+    process that no longer runs); returns the files removed."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "load_weights", "remove_stale_temps",
+           "state_dict_of"]

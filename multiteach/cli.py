@@ -3,7 +3,8 @@
 Every error a user can cause (a bad config value, an unknown name, a missing file, a checkpoint of another
 model, CUDA asked for where there is none) ends as one line naming the problem and the fix, with exit code
 2; ``--debug`` shows the traceback instead. Exit codes: 0 done, 1 the run failed (non-finite loss),
-2 bad input, 3 stopped by SIGINT/SIGTERM after writing a checkpoint (run the same command to resume).
+2 bad input, 3 stopped by SIGINT/SIGTERM after writing a checkpoint (run the same command to resume),
+4 an internal error (one line, and the file the traceback was written to).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 1, 2, 3
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_INTERNAL = 1, 2, 3, 4
 
 console = Console(stderr=True)
 
@@ -280,6 +281,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         console.print(f"[red]error:[/] {escape(one_line(e))}", highlight=False, soft_wrap=True)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        console.print("stopped by SIGINT (training saves a checkpoint first; the same command resumes)")
+        return EXIT_STOPPED
+    except Exception as e:  # a bug of ours: one line, the traceback kept in a file
+        if args.debug:
+            raise
+        import tempfile
+        import traceback
+
+        with tempfile.NamedTemporaryFile("w", prefix="multiteach-error-", suffix=".txt", delete=False) as f:
+            traceback.print_exc(file=f)
+        console.print(f"[red]internal error:[/] {escape(type(e).__name__)}: {escape(one_line(e))} (traceback in "
+                      f"{f.name}; --debug shows it; please report it)", highlight=False, soft_wrap=True)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -66,8 +66,10 @@ class TrainConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v != "auto" and v.split(":")[0] not in ("cpu", "cuda", "mps"):
-            raise ValueError(f"unknown device {v!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        import re
+
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError(f"unknown device {v!r}: use 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
         return v
 
     def lr_factor(self, epoch_progress: float) -> float:
@@ -138,7 +140,7 @@ class ExperimentConfig(_Strict):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
-    run_dir: str = "runs/mtard"
+    run_dir: str = Field("runs/mtard", min_length=1, description="where checkpoints and logs go")
 
     @field_validator("preset")
     @classmethod

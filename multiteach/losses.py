@@ -6,6 +6,7 @@ teacher's output (``None`` for label-only losses).
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch.nn.functional as F
@@ -64,8 +65,8 @@ class KLDistill(nn.Module):
         super().__init__()
         if reduction not in ("mean", "batchmean", "sum"):
             raise ValueError(f"unknown reduction {reduction!r}: use 'mean', 'batchmean' or 'sum'")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
         self.temperature = temperature
         self.reduction: Reduction = reduction
         self.scale = scale

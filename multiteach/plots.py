@@ -15,7 +15,12 @@ def read_metrics(run_dir: str | Path) -> tuple[list[str], list[dict], list[dict]
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} has no metrics.jsonl: is it a multiteach run directory?")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a kill mid-write (the next resume drops it)
+            continue
     steps = [r for r in records if r["type"] == "step"]
     epochs = [r for r in records if r["type"] == "epoch"]
     names: list[str] = []

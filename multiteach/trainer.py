@@ -6,9 +6,11 @@ Host syncs happen only every ``log_every`` steps (per-step losses and weights ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +28,14 @@ from rich.progress import (
 from torch import Tensor
 
 from .budget import Clock, EpochPlanner
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint, remove_stale_temps
 from .config import TrainConfig
 from .data import TensorLoader
 from .distributed import DistContext
 from .evaluate import clean_and_pgd
 from .fast import accelerate
 from .recipe import Recipe
+from .rundir import RunLock
 from .runtime import (
     StopFlag,
     autocast,
@@ -162,7 +165,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "recipe": self.recipe.component_state(),
-            "loader": self.loader.state_dict() if step_in_epoch else None,
+            "loader": self.loader.state_dict(),  # its generator too at an epoch boundary: the next order
             "rng": rng_state(),
             "best": self.best,
             "history": self.history,
@@ -244,8 +247,12 @@ class Trainer:
         if path is None or not path.is_file():
             return
         keep = []
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # torn by a kill mid-write: the checkpoint does not include it anyway
+                warnings.warn(f"{path}: dropped unreadable line {n} ({line[:40]!r})", stacklevel=2)
+                continue
             if (r["type"] == "step" and r["step"] <= self.global_step) or \
                (r["type"] == "epoch" and r["epoch"] <= self.epoch):
                 keep.append(line)
@@ -264,7 +271,9 @@ class Trainer:
                      for s, e, lr, t, li, wi in zip(steps, epochs, lrs, totals_l, losses_l, weights_l)])
         if bool(self._bad):
             bad_at = next((s for s, t in zip(steps, totals_l) if not math.isfinite(t)), steps[-1])
-            kept = f"the last good checkpoint is {self.run_dir / 'last.pt'}" if self.run_dir else "nothing was saved"
+            last = self.run_dir / "last.pt" if self.run_dir is not None else None
+            kept = f"the last good checkpoint is {last}" if last is not None and last.is_file() else \
+                "no checkpoint had been written yet"
             raise NonFiniteLossError(
                 f"the loss became non-finite at step {bad_at} (epoch {self.epoch + 1}); training stopped and "
                 f"{kept}. Lower the learning rate, or train in fp32 / bf16 instead of fp16."
@@ -309,10 +318,21 @@ class Trainer:
     def fit(self, resume: bool = True, force: bool = False) -> TrainResult:
         """Train to ``config.epochs``, resuming from ``run_dir/last.pt`` when it exists. On SIGINT/SIGTERM it
         saves a mid-epoch checkpoint and returns with status ``"interrupted (...)"``."""
+        lock = contextlib.nullcontext()
         if self.run_dir is not None and self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(self.run_dir)  # one training per run_dir (rank 0 holds it)
+        with lock:
+            return self._fit(resume, force)
+
+    def _fit(self, resume: bool, force: bool) -> TrainResult:
+        if self.run_dir is not None and self.is_main:
+            for tmp in remove_stale_temps(self.run_dir):
+                self.console.log(f"removed {tmp.name}, left by a process killed while writing a checkpoint")
         if resume:
             self._resume(force)
+        if self.global_step == 0 and self._metrics_path() is not None:
+            self._metrics_path().unlink(missing_ok=True)  # a fresh start (or --restart) starts a fresh log
         if self.run_dir is not None and self.is_main:
             info = {"recipe": self.recipe.name, "branches": self.recipe.branch_names, "experiment": self.experiment,
                     "train": self.cfg.model_dump(mode="json")}

@@ -8,6 +8,7 @@ transform instance share its output within a step: one attack, however many bran
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Literal
 
@@ -91,10 +92,10 @@ class PGD(InputTransform):
         reference: nn.Module | None = None,
         cw_kappa: float = 50.0,
     ) -> None:
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        if alpha <= 0 and eps > 0:
-            raise ValueError(f"step size alpha must be > 0, got {alpha}")
+        if not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"eps must be >= 0 and finite, got {eps}")
+        if not math.isfinite(alpha) or (alpha <= 0 and eps > 0):
+            raise ValueError(f"step size alpha must be > 0 and finite, got {alpha}")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         for name, value, allowed in (

@@ -7,6 +7,7 @@ so a resumed run follows the same trajectory. ``update`` runs on the losses' dev
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -82,8 +83,8 @@ class ANL(Weighter):
         follow_lr: bool = True,
     ) -> None:
         super().__init__(n)
-        if beta < 0:
-            raise ValueError(f"ANL beta must be >= 0, got {beta}")
+        if not math.isfinite(beta) or beta < 0:
+            raise ValueError(f"ANL beta must be >= 0 and finite, got {beta}")
         if not 0 < rw <= 1:
             raise ValueError(f"ANL rate r_w must be in (0, 1], got {rw}")
         w0 = [1.0 / n] * n if w0 is None else [float(w) for w in w0]
@@ -119,8 +120,8 @@ class DWA(Weighter):
 
     def __init__(self, n: int, temperature: float = 2.0) -> None:
         super().__init__(n)
-        if temperature <= 0:
-            raise ValueError(f"DWA temperature must be > 0, got {temperature}")
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"DWA temperature must be > 0 and finite, got {temperature}")
         self.temperature = float(temperature)
         self.register_buffer("epoch_sum", torch.zeros(n))
         self.register_buffer("epoch_count", torch.zeros(()))

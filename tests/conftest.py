@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,20 @@ def tiny_net(num_classes: int = 10, seed: int | None = None) -> torch.nn.Module:
     if seed is not None:
         torch.manual_seed(seed)
     return CifarResNet((1, 1), (8, 16), num_classes=num_classes)
+
+
+class SignalAtStep:
+    """Wraps a recipe's forward and raises SIGTERM in the process after its k-th step."""
+
+    def __init__(self, forward, k):
+        self.forward, self.k, self.n = forward, k, 0
+
+    def __call__(self, x, y, model=None):
+        out = self.forward(x, y, model)
+        self.n += 1
+        if self.n == self.k:
+            signal.raise_signal(signal.SIGTERM)
+        return out
 
 
 @pytest.fixture

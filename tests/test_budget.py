@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import multiteach as mt
 from multiteach.budget import EpochPlanner, TimeBudget
 from multiteach.config import ExperimentConfig
 from multiteach.data import TensorLoader, synthetic
-from tests.conftest import tiny_net
+from tests.conftest import SignalAtStep, tiny_net
 
 
 class FakeClock:
@@ -396,20 +395,6 @@ def test_the_time_up_at_the_end_of_an_epoch_stops_the_run(tmp_path):
     epochs = [r for r in _records(tmp_path) if r["type"] == "epoch"]
     assert [r["epoch"] for r in epochs if "val_clean" in r] == [6]
     assert (tmp_path / "best.pt").is_file()
-
-
-class SignalAtStep:
-    """Wraps a recipe's forward and raises SIGTERM in the process after its k-th step."""
-
-    def __init__(self, forward, k):
-        self.forward, self.k, self.n = forward, k, 0
-
-    def __call__(self, x, y, model=None):
-        out = self.forward(x, y, model)
-        self.n += 1
-        if self.n == self.k:
-            signal.raise_signal(signal.SIGTERM)
-        return out
 
 
 def _stop_and_resume(cut_dir, budget, k):

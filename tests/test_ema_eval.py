@@ -4,7 +4,6 @@ import copy
 import importlib
 import inspect
 import json
-import signal
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import multiteach.trainer as mt_trainer
 from multiteach.data import TensorLoader, synthetic
 from multiteach.evaluate import TimedEvaluation, correct_mask
 from multiteach.presets import PRESETS
-from tests.conftest import tiny_net
+from tests.conftest import SignalAtStep, tiny_net
 
 DECAY = 0.6  # 1 - (1 + s)^-0.75 passes 0.6 at s = 3: the warmup AND the cap both show up in a 12-step run
 
@@ -101,20 +100,6 @@ def test_ema_first_update_copies_the_student_exactly(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 2. checkpoint / resume
-class SignalAtStep:
-    """Wraps a recipe's forward and raises SIGTERM in the process after its k-th step."""
-
-    def __init__(self, forward, k):
-        self.forward, self.k, self.n = forward, k, 0
-
-    def __call__(self, x, y, model=None):
-        out = self.forward(x, y, model)
-        self.n += 1
-        if self.n == self.k:
-            signal.raise_signal(signal.SIGTERM)
-        return out
-
-
 def test_interrupted_and_resumed_ema_is_bit_identical(tmp_path):
     ref = mt.Trainer(_mtard(), _loader(), _cfg(), run_dir=tmp_path / "ref")
     ref.fit()

@@ -76,10 +76,11 @@ def test_pgd_is_stronger_than_fgsm_and_autoattack_than_pgd(model_and_data):
     net, x, y = model_and_data
     eps = 8 / 255
     fgsm, pgd = acc(net, x, y, FGSM(eps)), acc(net, x, y, PGD(eps, eps / 4, 20, start="uniform"))
-    aa = acc(net, x[:32], y[:32], AutoAttack(eps))  # the standard version: APGD-CE, APGD-T, FAB-T, Square
-    pgd32 = acc(net, x[:32], y[:32], PGD(eps, eps / 4, 20, start="uniform"))
+    # the standard version (APGD-CE, APGD-T, FAB-T, Square) on 8 images: its CPU time grows with each one
+    aa = acc(net, x[:8], y[:8], AutoAttack(eps))
+    pgd8 = acc(net, x[:8], y[:8], PGD(eps, eps / 4, 20, start="uniform"))
     assert pgd <= fgsm
-    assert aa <= pgd32
+    assert aa <= pgd8
     assert 0 < pgd < acc(net, x, y)  # the setting is informative: some images resist, some fall
 
 

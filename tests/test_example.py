@@ -34,7 +34,8 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
     with the teacher's rows and AutoAttack, at most 8 files out; then the N = 3 example, which must reuse the
     two cached teachers and train only the third."""
     out, run_dir = tmp_path / "out", tmp_path / "ref"
-    proc = run_reference(out, run_dir, cifar_slice, 600, "--eval-n", "100", "--slow-n", "8")
+    short = ["--nat-epochs", "2", "--adv-epochs", "1"]
+    proc = run_reference(out, run_dir, cifar_slice, 600, "--eval-n", "100", "--slow-n", "8", "--epochs", "2", *short)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Test set, n = 100" in proc.stdout.split("stage times {")[-1]  # the table comes last
     files = sorted(p.name for p in out.iterdir())
@@ -57,7 +58,7 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
     entries = sorted(cache.iterdir())
     assert [e.name.split("-")[0] for e in entries] == ["natural", "sat"]
     stamps = {e: (e / "done.json").stat().st_mtime_ns for e in entries}
-    common = ["--tiny", "--data-dir", str(cifar_slice), "--teacher-cache", str(cache), "--quiet"]
+    common = ["--tiny", "--data-dir", str(cifar_slice), "--teacher-cache", str(cache), "--quiet", *short]
     report3 = load("three_teachers").main([*common, "--run-dir", str(tmp_path / "three"), "--epochs", "1",
                                            "--eval-n", "100"])
     assert {e: (e / "done.json").stat().st_mtime_ns for e in entries} == stamps  # reused, not retrained
@@ -74,9 +75,9 @@ def test_reference_wrapper_out_of_time_still_ends_with_an_evaluated_student(cifa
     """A budget far too small: every stage trains its minimum (one epoch), the student's PGD_SAT row runs
     regardless, the rows that do not fit are listed as skipped, and the run exits 0 with its table."""
     out = tmp_path / "out"
-    proc = run_reference(out, tmp_path / "ref", cifar_slice, 1, "--eval-n", "64")
+    proc = run_reference(out, tmp_path / "ref", cifar_slice, 1, "--eval-n", "32")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "eval.json").read_text())
     assert [r["attack"] for r in result["rows"]] == ["pgd_sat"]
     assert result["skipped"] and all(s["spent_s"] > 0 for s in result["budget"]["stages"].values())
-    assert "Test set, n = 64" in proc.stdout
+    assert "Test set, n = 32" in proc.stdout

@@ -1,12 +1,11 @@
 import json
-import signal
 
 import pytest
 import torch
 
 import multiteach as mt
 from multiteach.data import TensorLoader, synthetic
-from tests.conftest import tiny_net
+from tests.conftest import SignalAtStep, tiny_net
 
 
 def _mtard(seed=0):
@@ -49,20 +48,6 @@ def test_mtard_run_lowers_the_distillation_loss(tmp_path):
     trace = _trace(tmp_path)
     assert sum(t[1] for t in trace[-4:]) < sum(t[1] for t in trace[:4])
     assert trace[-1][3] != [0.5, 0.5]  # ANL moved the weights
-
-
-class SignalAtStep:
-    """Wraps a recipe's forward and raises SIGTERM in the process after its k-th step."""
-
-    def __init__(self, forward, k):
-        self.forward, self.k, self.n = forward, k, 0
-
-    def __call__(self, x, y, model=None):
-        out = self.forward(x, y, model)
-        self.n += 1
-        if self.n == self.k:
-            signal.raise_signal(signal.SIGTERM)
-        return out
 
 
 def test_stop_and_resume_gives_the_uninterrupted_trace(tmp_path):

@@ -1,0 +1,87 @@
+"""One run per run directory: a lock file naming its holder, taken over only from a dead process.
+
+Two trainings writing the same ``run_dir`` would overwrite each other's checkpoints and interleave their
+logs; the second is refused instead, with the holder's pid and host. A lock left by a killed process of
+this host is stale and taken over, so a resume after SIGKILL is never blocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from types import TracebackType
+
+LOCK = ".multiteach.lock"
+
+
+class RunDirBusyError(ValueError):
+    """Another live process trains in this run directory."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+class RunLock:
+    """``with RunLock(run_dir):`` holds ``run_dir/.multiteach.lock`` (created atomically) for the block."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK
+        self.me = {"pid": os.getpid(), "host": socket.gethostname()}
+
+    def _holder(self) -> dict | None:
+        for attempt in range(2):
+            try:
+                return json.loads(self.path.read_text())
+            except (OSError, ValueError):  # vanished, being written, or half-written by a killed process
+                if attempt == 0:
+                    time.sleep(0.2)
+        return None
+
+    def _mine(self, holder: dict | None) -> bool:
+        return holder is not None and holder.get("pid") == self.me["pid"] and holder.get("host") == self.me["host"]
+
+    def acquire(self) -> None:
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None or self._mine(holder):
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if holder.get("host") == self.me["host"] and not _alive(int(holder.get("pid", -1))):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise RunDirBusyError(
+                    f"run directory {str(self.path.parent)!r} is in use by process {holder.get('pid')} on "
+                    f"{holder.get('host')} (since {holder.get('since', '?')}): wait for it, stop it, or use "
+                    f"another run_dir (if that process is gone, delete {str(self.path)!r})"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump({**self.me, "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+            return
+        raise RunDirBusyError(f"could not take the lock {str(self.path)!r}: another process keeps taking it")
+
+    def release(self) -> None:
+        if self._mine(self._holder()):
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+
+__all__ = ["LOCK", "RunDirBusyError", "RunLock"]

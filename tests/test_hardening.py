@@ -1,0 +1,195 @@
+"""Faults that must not lose or corrupt work: a second process on a busy run_dir, a torn metrics line,
+an old log under a fresh start, stale checkpoint temp files, non-finite weights."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import multiteach as mt
+from multiteach.checkpoint import CheckpointError, load_weights
+from multiteach.cli import one_line
+from multiteach.data import TensorLoader, synthetic
+from multiteach.rundir import LOCK, RunDirBusyError, RunLock
+from tests.conftest import tiny_net
+
+
+def _trainer(run_dir, epochs=1, seed=0):
+    torch.manual_seed(seed)
+    loader = TensorLoader(synthetic(64, seed=0), 16, shuffle=True, augment=True, drop_last=True, seed=0)
+    cfg = mt.TrainConfig(epochs=epochs, batch_size=16, lr=0.05, milestones=[], log_every=1, progress=False,
+                         eval_every=0)
+    return mt.Trainer(mt.presets.natural(tiny_net()), loader, cfg, run_dir=run_dir)
+
+
+def _steps(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if r["type"] == "step"]
+
+
+def test_a_busy_run_dir_is_refused_naming_its_holder_and_a_dead_holder_does_not_block(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from multiteach.rundir import RunLock; "
+         "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)", str(run_dir)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirBusyError) as err:
+            _trainer(run_dir).fit()
+        msg = one_line(err.value)
+        assert f"process {holder.pid}" in msg and "another run_dir" in msg
+        assert not (run_dir / "last.pt").exists()  # nothing of the refused run was written
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without releasing: its lock is stale and the run proceeds, then releases it
+    assert (run_dir / LOCK).is_file()
+    res = _trainer(run_dir).fit()
+    assert res.status == "finished" and not (run_dir / LOCK).exists()
+
+
+def test_the_lock_is_released_when_the_run_fails(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.recipe.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit()
+    assert not (tmp_path / LOCK).exists()
+    with RunLock(tmp_path):  # free again
+        assert (tmp_path / LOCK).is_file()
+
+
+def test_a_torn_metrics_line_is_dropped_and_each_step_logged_once(tmp_path):
+    _trainer(tmp_path, epochs=1).fit()
+    n = len(_steps(tmp_path))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"type": "step", "st')  # a kill in the middle of an append
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, epochs=2).fit()
+    assert any("unreadable line" in str(w.message) for w in caught)
+    assert _steps(tmp_path) == list(range(1, 2 * n + 1))
+
+
+def test_a_fresh_start_does_not_append_to_an_old_log(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"type": "step", "step": 1, "loss": 9.0}\n' * 30)
+    _trainer(tmp_path).fit()  # no last.pt: a fresh run
+    steps = _steps(tmp_path)
+    assert steps == list(range(1, len(steps) + 1))
+
+
+def test_stale_checkpoint_temp_files_are_removed_at_start(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".last.pt.tmp{int(dead.stdout)}"  # that process has exited
+    stale.write_bytes(b"x" * 100)
+    mine = tmp_path / f".best.pt.tmp{os.getpid()}"  # a live writer's (this process) is left alone
+    mine.write_bytes(b"y")
+    _trainer(tmp_path).fit()
+    assert not stale.exists() and mine.exists()
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    net = tiny_net()
+    sd = net.state_dict()
+    key = next(k for k, v in sd.items() if v.is_floating_point() and v.ndim > 1)
+    sd[key][0].fill_(float("nan"))
+    torch.save({"student": sd}, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match=f"non-finite.*{key}"):
+        load_weights(tiny_net(), tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match="non-finite"):
+        mt.Teacher(tiny_net(), checkpoint=tmp_path / "nan.pt")
+
+
+@pytest.mark.parametrize("build, field", [
+    (lambda nan: mt.PGD(nan, 2 / 255, 2), "eps"),
+    (lambda nan: mt.PGD(8 / 255, nan, 2), "alpha"),
+    (lambda nan: mt.ANL(2, beta=nan), "beta"),
+    (lambda nan: mt.ANL(2, rw=nan), "r_w"),
+    (lambda nan: mt.KLDistill(nan), "temperature"),
+])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_options_are_refused_by_name(build, field, bad):
+    with pytest.raises(ValueError, match=field):
+        build(bad)
+
+
+@pytest.mark.parametrize("device", ["cuda:x", "cpu:abc", "gpu", "cuda:"])
+def test_malformed_devices_are_refused_where_the_config_is_read(device):
+    with pytest.raises(ValueError, match="unknown device"):
+        mt.TrainConfig(device=device)
+
+
+def test_an_empty_run_dir_is_refused():
+    with pytest.raises(ValueError, match="run_dir"):
+        mt.ExperimentConfig(preset="natural", run_dir="")
+
+
+def test_a_nan_on_a_fresh_run_does_not_name_a_checkpoint_that_does_not_exist(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.optimizer.param_groups[0]["lr"] = 1e30
+    trainer.cfg.lr = 1e30
+    with pytest.raises(mt.trainer.NonFiniteLossError) as err:
+        trainer.fit()
+    assert "no checkpoint had been written yet" in str(err.value) and not (tmp_path / "last.pt").exists()
+
+
+def _mtard_trainer(run_dir, epochs=2):
+    torch.manual_seed(0)
+    recipe = mt.presets.mtard(tiny_net(), mt.Teacher(tiny_net()), mt.Teacher(tiny_net()), steps=2)
+    loader = TensorLoader(synthetic(64, seed=0), 16, shuffle=True, augment=True, drop_last=True, seed=0)
+    val = TensorLoader(synthetic(32, seed=1), 32)
+    cfg = mt.TrainConfig(epochs=epochs, batch_size=16, lr=0.05, milestones=[], log_every=1, progress=False,
+                         eval_every=1, eval_pgd_steps=2)
+    return mt.Trainer(recipe, loader, cfg, val_loader=val, run_dir=run_dir)
+
+
+def _same_weights(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.recipe.student.state_dict().values(),
+                                                 b.recipe.student.state_dict().values()))
+
+
+def test_sigterm_during_validation_then_resume_equals_an_uninterrupted_run(tmp_path):
+    ref = _mtard_trainer(tmp_path / "ref")
+    ref.fit()
+    cut = _mtard_trainer(tmp_path / "cut")
+    evaluate = cut.evaluate
+
+    def evaluate_then_sigterm(model=None):
+        out = evaluate(model)
+        if cut.epoch == 1:
+            signal.raise_signal(signal.SIGTERM)  # arrives while epoch 1 is being validated
+        return out
+
+    cut.evaluate = evaluate_then_sigterm
+    res = cut.fit()
+    assert res.status.startswith("interrupted") and res.epoch == 1
+    resumed = _mtard_trainer(tmp_path / "cut")
+    assert resumed.fit().status == "finished"
+    assert _same_weights(ref, resumed) and resumed.global_step == ref.global_step
+
+
+def test_a_kill_mid_epoch_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    """SIGKILL leaves the last epoch's checkpoint only: the rerun replays from it, exactly."""
+    ref = _mtard_trainer(tmp_path / "ref")
+    ref.fit()
+    killed = _mtard_trainer(tmp_path / "cut")
+    forward = killed.recipe.forward
+
+    def dies_in_epoch_2(x, y, model=None):
+        if killed.epoch == 1 and killed.global_step == killed.steps_per_epoch + 2:
+            raise SystemExit("killed")  # nothing after the epoch-1 checkpoint is saved, as with SIGKILL
+        return forward(x, y, model)
+
+    killed.recipe.forward = dies_in_epoch_2
+    with pytest.raises(SystemExit):
+        killed.fit()
+    resumed = _mtard_trainer(tmp_path / "cut")
+    assert resumed.fit().status == "finished"
+    assert _same_weights(ref, resumed)
+    assert _steps(tmp_path / "cut") == _steps(tmp_path / "ref")  # each step logged once
