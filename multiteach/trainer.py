@@ -214,6 +214,7 @@ class Trainer:
             self.loader.load_state_dict(ckpt["loader"])
         set_rng_state(ckpt["rng"])
         self._truncate_metrics()
+        self._repair_best(ckpt)
         if self.is_main:
             where = f"epoch {self.epoch + 1}, step {ckpt['step_in_epoch'] + 1}"
             self.console.log(f"resumed from {path} at {where}")
@@ -291,11 +292,12 @@ class Trainer:
             m["w_robust"] = (m["clean"] + m["robust"]) / 2
         return m
 
-    def _validate(self, record: dict[str, Any]) -> None:
-        """Validate the raw (and EMA) weights; keep the better of them in best.pt if it beats the best so far."""
+    def _validate(self, record: dict[str, Any]) -> torch.nn.Module | None:
+        """Validate the raw (and EMA) weights; returns the model that beats the best so far, if one does."""
         candidates = {"raw": self.recipe.student}
         if self.ema is not None:
             candidates["ema"] = self.ema.module
+        new_best = None
         for tag, model in candidates.items():
             metrics = self.evaluate(model)
             prefix = "val_" if tag == "raw" else "val_ema_"
@@ -303,9 +305,30 @@ class Trainer:
             score = _selection_score(metrics, self.cfg.select) if metrics else None
             if score is not None and score > self.best.get("score", -1.0):
                 self.best = {"epoch": self.epoch, "score": score, "weights": tag, **metrics}
-                if self.run_dir is not None and self.is_main:
-                    atomic_save({"student": model.state_dict(), "epoch": self.epoch, "metrics": metrics,
-                                 "weights": tag, "experiment": self.experiment}, self.run_dir / "best.pt")
+                new_best = model
+        return new_best
+
+    def _write_best(self, model: torch.nn.Module) -> None:
+        """best.pt from ``model`` (the student or its EMA), after last.pt records it as the best: a kill between
+        the two writes leaves a last.pt from which ``_resume`` rewrites best.pt."""
+        if self.run_dir is not None and self.is_main:
+            metrics = {k: v for k, v in self.best.items() if k not in ("epoch", "score", "weights")}
+            atomic_save({"student": model.state_dict(), "epoch": self.best["epoch"], "metrics": metrics,
+                         "weights": self.best["weights"], "experiment": self.experiment}, self.run_dir / "best.pt")
+
+    def _repair_best(self, ckpt: dict[str, Any]) -> None:
+        """A kill between last.pt and best.pt at the end of the best epoch: rewrite best.pt from last.pt."""
+        path = self.run_dir / "best.pt" if self.run_dir is not None else None
+        if path is None or not self.is_main or self.best.get("epoch") != ckpt["epoch"] or ckpt["step_in_epoch"]:
+            return
+        try:
+            current = load_checkpoint(path).get("epoch") if path.is_file() else None
+        except CheckpointError:
+            current = None
+        if current != self.best["epoch"]:
+            self._write_best(self.ema.module if self.best.get("weights") == "ema" and self.ema is not None
+                             else self.recipe.student)
+            self.console.log(f"rewrote {path} (epoch {self.best['epoch']}) from {path.parent / 'last.pt'}")
 
     # ---------------------------------------------------------------- the loop
     def _progress(self) -> Progress:
@@ -400,12 +423,15 @@ class Trainer:
             record.update(loss=self._last["loss"], L=self._last["L"], w=self._last["w"])
         if self.planner is not None:
             self._set_epochs(self.planner.on_epoch_end(self.epoch, self.cfg.epochs), "behind its budget")
+        new_best = None
         if self.cfg.eval_every and (self.epoch % self.cfg.eval_every == 0 or self.epoch >= self.cfg.epochs):
-            self._validate(record)
+            new_best = self._validate(record)
         self.history.append(record)
         self._write([record])
-        if self.epoch % self.cfg.checkpoint_every == 0 or self.epoch >= self.cfg.epochs:
-            self.save()
+        if new_best is not None or self.epoch % self.cfg.checkpoint_every == 0 or self.epoch >= self.cfg.epochs:
+            self.save()  # last.pt first, then best.pt: the pair never disagrees (see _repair_best)
+        if new_best is not None:
+            self._write_best(new_best)
         if self.is_main:
             self.console.log(_epoch_line(record, self.recipe.branch_names))
 

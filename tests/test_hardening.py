@@ -193,3 +193,28 @@ def test_a_kill_mid_epoch_then_rerun_equals_an_uninterrupted_run(tmp_path):
     assert resumed.fit().status == "finished"
     assert _same_weights(ref, resumed)
     assert _steps(tmp_path / "cut") == _steps(tmp_path / "ref")  # each step logged once
+
+
+def test_a_kill_between_last_pt_and_best_pt_is_repaired_at_resume(tmp_path):
+    """best.pt is written after last.pt: a kill between the two leaves best.pt one best behind, and the
+    resume rewrites it from last.pt (the best weights are that checkpoint's own)."""
+    ref = _mtard_trainer(tmp_path / "ref", epochs=2)
+    ref.fit()
+    ref_best = torch.load(tmp_path / "ref" / "best.pt", weights_only=True)
+    cut = _mtard_trainer(tmp_path / "cut", epochs=2)
+    write_best = cut._write_best
+
+    def dies_before_the_last_best(model):
+        if cut.epoch == ref_best["epoch"]:
+            raise SystemExit("killed")
+        write_best(model)
+
+    cut._write_best = dies_before_the_last_best
+    with pytest.raises(SystemExit):
+        cut.fit()
+    stale = tmp_path / "cut" / "best.pt"
+    assert not stale.exists() or torch.load(stale, weights_only=True)["epoch"] != ref_best["epoch"]
+    _mtard_trainer(tmp_path / "cut", epochs=2).fit()
+    best = torch.load(stale, weights_only=True)
+    assert best["epoch"] == ref_best["epoch"] and best["metrics"] == ref_best["metrics"]
+    assert all(torch.equal(a, b) for a, b in zip(best["student"].values(), ref_best["student"].values()))
