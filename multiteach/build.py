@@ -35,9 +35,12 @@ def load_splits(cfg: DataConfig, synthetic_data: bool = False) -> Splits:
     else:
         train, test = load_cifar(cfg.dataset, cfg.data_dir, cfg.root, cfg.download)
     n_classes = NUM_CLASSES[cfg.dataset]
-    if int(train.y.max()) >= n_classes:
-        raise ValueError(f"labels go up to {int(train.y.max())} but {cfg.dataset} has {n_classes} classes: "
-                         "set data.dataset to match the files")
+    for split, a in (("train", train), ("test", test)):
+        if len(a) == 0:
+            raise ValueError(f"the {split} split holds no images")
+        if int(a.y.max()) >= n_classes:
+            raise ValueError(f"{split} labels go up to {int(a.y.max())} but {cfg.dataset} has {n_classes} classes: "
+                             "set data.dataset to match the files")
     train, val = split_validation(train, cfg.val_size, cfg.seed)
     if cfg.train_size is not None:
         train = train.take(np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.train_size])

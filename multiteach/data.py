@@ -35,13 +35,32 @@ class Arrays:
 
 
 def _read_npz(path: Path) -> Arrays:
-    with np.load(path) as d:
-        if "x" not in d or "y" not in d:
-            raise ValueError(f"{path} must hold arrays 'x' (uint8 N,32,32,3) and 'y' (labels)")
-        x, y = d["x"], d["y"].astype(np.int64)
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3 or len(x) != len(y):
-        raise ValueError(f"{path}: expected x uint8 (N,H,W,3) and N labels, got x {x.dtype} {x.shape}, y {y.shape}")
-    return Arrays(x, y)
+    """One split from ``path``, checked: uint8 images (N, H, W, 3) and N integer labels >= 0."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            if "x" not in d or "y" not in d:
+                raise ValueError(f"{path} must hold arrays 'x' (uint8 N,32,32,3) and 'y' (labels)")
+            x, y = d["x"], d["y"]
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise ValueError(f"{path} cannot be read as a .npz file ({e}): is it truncated? decode it again") from None
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise ValueError(f"{path} holds object arrays (pickled data), which are not read: save x as uint8 "
+                             "and y as integers") from None
+        raise
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"{path}: expected x uint8 (N,H,W,3), got x {x.dtype} {x.shape}")
+    if y.ndim != 1 or len(x) != len(y):
+        raise ValueError(f"{path}: expected y of shape ({len(x)},) (one label per image), got {y.shape}")
+    if len(y) == 0:
+        raise ValueError(f"{path} holds no images")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{path}: labels must be integers, got {y.dtype} (float labels would be truncated)")
+    if y.min() < 0:
+        raise ValueError(f"{path}: labels must be >= 0, got {int(y.min())}")
+    return Arrays(x, y.astype(np.int64))
 
 
 def _shuffled_if_sorted(a: Arrays) -> Arrays:

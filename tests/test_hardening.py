@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -218,3 +219,54 @@ def test_a_kill_between_last_pt_and_best_pt_is_repaired_at_resume(tmp_path):
     best = torch.load(stale, weights_only=True)
     assert best["epoch"] == ref_best["epoch"] and best["metrics"] == ref_best["metrics"]
     assert all(torch.equal(a, b) for a, b in zip(best["student"].values(), ref_best["student"].values()))
+
+
+def _write_split(folder, name, x=None, y=None, raw=None):
+    folder.mkdir(exist_ok=True)
+    if raw is not None:
+        (folder / f"{name}.npz").write_bytes(raw)
+        return
+    a = synthetic(16, seed=0)
+    np.savez(folder / f"{name}.npz", x=a.x if x is None else x, y=a.y if y is None else y)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("label -1", "labels must be >= 0"),
+    ("NaN labels", "labels must be integers"),
+    ("float labels", "labels must be integers"),
+    ("labels (N,1)", "one label per image"),
+    ("zero-length", "holds no images"),
+    ("object arrays", "object arrays"),
+    ("truncated", "truncated"),
+    ("test labels out of range", "test labels go up to 12"),
+])
+def test_bad_data_files_are_named_in_one_line(tmp_path, case, message):
+    from multiteach.build import load_splits
+
+    good = synthetic(16, seed=0)
+    _write_split(tmp_path, "train")
+    _write_split(tmp_path, "test")
+    y = good.y.copy()
+    if case == "label -1":
+        y[3] = -1
+        _write_split(tmp_path, "train", y=y)
+    elif case == "NaN labels":
+        _write_split(tmp_path, "train", y=np.where(np.arange(16) == 2, np.nan, y.astype(float)))
+    elif case == "float labels":
+        _write_split(tmp_path, "train", y=y.astype(np.float32) + 0.5)
+    elif case == "labels (N,1)":
+        _write_split(tmp_path, "train", y=y[:, None])
+    elif case == "zero-length":
+        _write_split(tmp_path, "train", x=good.x[:0], y=y[:0])
+    elif case == "object arrays":
+        np.savez(tmp_path / "train.npz", x=np.array([good.x[0], "text"], dtype=object), y=y[:2])
+    elif case == "truncated":
+        data = (tmp_path / "train.npz").read_bytes()
+        _write_split(tmp_path, "train", raw=data[: len(data) // 2])
+    elif case == "test labels out of range":
+        y[0] = 12
+        _write_split(tmp_path, "test", y=y)
+    with pytest.raises(ValueError, match=message) as err:
+        load_splits(mt.DataConfig(data_dir=str(tmp_path), val_size=4))
+    line = one_line(err.value)
+    assert "\n" not in line and ("train.npz" in line or "test" in line)
