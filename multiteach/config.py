@@ -39,7 +39,7 @@ class TrainConfig(_Strict):
                                              "over the global batch)")
     fast: bool = Field(True, description="CUDA only: BN-folded bf16 teachers, CUDA-graph attacks and teachers")
     device: str = "auto"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds torch, numpy and the data order")
     steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (quick runs)")
     time_budget_s: float | None = Field(
         None, gt=0, description="wall-clock seconds for this run: the epochs (at most `epochs`) are chosen from "
@@ -94,7 +94,7 @@ class DataConfig(_Strict):
     val_size: int = Field(1000, ge=0, description="training images held out for model selection")
     train_size: int | None = Field(None, ge=1, description="use only this many training images (quick runs)")
     test_size: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds the validation split and the train_size subset")
 
     @field_validator("data_dir")
     @classmethod
@@ -182,11 +182,18 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {str(p)!r} not found (write one with: multiteach config PRESET)")
-    text = p.read_text()
     try:
-        return json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        d = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"config file {str(p)!r} is not valid {p.suffix[1:].upper() or 'TOML'}: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"config file {str(p)!r} must hold a table of settings at its top level, not a "
+                         f"{type(d).__name__}")
+    return d
 
 
 def apply_override(d: dict[str, Any], assignment: str) -> None:

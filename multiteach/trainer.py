@@ -182,11 +182,14 @@ class Trainer:
 
     def _resume(self, force: bool) -> None:
         path = self.run_dir / "last.pt" if self.run_dir else None
-        if path is None or not path.is_file():
+        if path is None or not path.exists():
             return
+        if not path.is_file():
+            raise CheckpointError(f"{path} is not a file: remove it (or use another run_dir) to start afresh")
         ckpt = load_checkpoint(path, map_location=self.device)
-        if ckpt.get("format") != 1:
-            raise CheckpointError(f"{path} is not a multiteach training checkpoint")
+        if not isinstance(ckpt, dict) or ckpt.get("format") != 1:
+            raise CheckpointError(f"{path} is not a multiteach training checkpoint: remove it, or use another "
+                                  "run_dir")
         if ckpt.get("branches") != self.recipe.branch_names:
             raise ConfigMismatchError(f"{path} was written by a recipe with branches {ckpt.get('branches')}, "
                                       f"this one has {self.recipe.branch_names}: use another run_dir")
@@ -197,7 +200,12 @@ class Trainer:
                 f"{path} was written under another configuration ({'; '.join(diff[:4]) or 'different digest'}): "
                 "resume with the original config, use a new run_dir, or force the resume (--force)"
             )
-        self.recipe.student.load_state_dict(ckpt["student"])
+        try:
+            self.recipe.student.load_state_dict(ckpt["student"])
+        except RuntimeError as e:
+            first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e)[:200])
+            raise CheckpointError(f"{path} holds a student of another shape ({first}): it was written by another "
+                                  "model or class count; use another run_dir") from None
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.recipe.load_component_state(ckpt["recipe"])
@@ -343,7 +351,11 @@ class Trainer:
         saves a mid-epoch checkpoint and returns with status ``"interrupted (...)"``."""
         lock = contextlib.nullcontext()
         if self.run_dir is not None and self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"run_dir {str(self.run_dir)!r} cannot be used ({e.strerror}): choose another "
+                                 "folder") from None
             lock = RunLock(self.run_dir)  # one training per run_dir (rank 0 holds it)
         with lock:
             return self._fit(resume, force)

@@ -270,3 +270,51 @@ def test_bad_data_files_are_named_in_one_line(tmp_path, case, message):
         load_splits(mt.DataConfig(data_dir=str(tmp_path), val_size=4))
     line = one_line(err.value)
     assert "\n" not in line and ("train.npz" in line or "test" in line)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("under a file", "cannot be used"),
+    ("a file", "cannot be used"),
+    ("300 characters", "cannot be used"),
+])
+def test_unusable_run_dirs_are_one_line(tmp_path, case, message):
+    (tmp_path / "file").write_text("x")
+    run_dir = {"under a file": tmp_path / "file" / "run", "a file": tmp_path / "file",
+               "300 characters": tmp_path / ("r" * 300)}[case]
+    with pytest.raises(ValueError, match=message):
+        _trainer(run_dir).fit()
+
+
+@pytest.mark.parametrize("case", ["a list", "a directory", "another class count"])
+def test_a_last_pt_that_cannot_be_resumed_is_named(tmp_path, case):
+    last = tmp_path / "last.pt"
+    if case == "a list":
+        torch.save([1, 2, 3], last)
+    elif case == "a directory":
+        last.mkdir()
+    else:
+        _trainer(tmp_path).fit()
+        ckpt = torch.load(last, weights_only=True)
+        ckpt["student"] = mt.presets.natural(tiny_net(num_classes=100)).student.state_dict()
+        torch.save(ckpt, last)
+    with pytest.raises(CheckpointError, match="last.pt") as err:
+        _trainer(tmp_path, epochs=2).fit()
+    assert "\n" not in one_line(err.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"[1, 2, 3]", "top level"),
+    (b'{"preset": "natural\xff"}', "not UTF-8"),
+])
+def test_config_files_that_are_not_a_table_of_settings(tmp_path, text, message):
+    from multiteach.config import read_config
+
+    path = tmp_path / "c.json"
+    path.write_bytes(text)
+    with pytest.raises(ValueError, match=message):
+        read_config(path)
+
+
+def test_a_seed_beyond_numpy_range_is_named():
+    with pytest.raises(ValueError, match="seed"):
+        mt.TrainConfig(seed=2**64)
