@@ -37,9 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     add_arguments(p)
     p.add_argument("--defenses", nargs="+", default=DEFENSES)
     p.add_argument("--ablations", action="store_true", help="add the Fig. 2 ablations (baseline, baseline_mt)")
+    p.set_defaults(run_dir="runs/table2")
     args = p.parse_args(argv)
-    if args.run_dir == "runs/mtard_cifar":
-        args.run_dir = "runs/table2"
     run = Pipeline(args)
     teachers = {"nat": run.teacher("nat"), "adv": run.teacher("adv")}
     results = {}

@@ -93,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder with train.npz / test.npz")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 through torchvision")
     p.add_argument("--root", default="data", help="torchvision data folder")
-    p.add_argument("--run-dir", default="runs/mtard_cifar")
+    p.add_argument("--run-dir", default="runs/mtard_cifar", help="where the student runs go (one folder each)")
     p.add_argument("--teacher-cache", help="teachers trained once, reused by recipe and seed (default: "
                                            "a 'teachers' folder beside --run-dir)")
     p.add_argument("--student", help="student timm name (default cifar_resnet18)")

@@ -25,9 +25,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.add_argument("--weighter", default="anl", help="anl (default), dwa, uw, rlw or fixed")
+    p.set_defaults(run_dir="runs/three_teachers")
     args = p.parse_args(argv)
-    if args.run_dir == "runs/mtard_cifar":
-        args.run_dir = "runs/three_teachers"
     run = Pipeline(args)
     epochs = {"nat": args.nat_epochs, "adv": args.adv_epochs}
     teachers = {role: run.teacher(role, epochs=epochs.get(role)) for role in ("nat", "adv", "l2")}

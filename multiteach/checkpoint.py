@@ -98,7 +98,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             parts.append(f"{len(wrong)} of another shape (e.g. {'; '.join(wrong[:2])})")
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {', '.join(parts)} keys. "
-            "Was it saved from another architecture or class count? Name the matching model."
+            f"Was it saved from another architecture or class count?{_recorded_model(path)}"
         )
     bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:
@@ -106,6 +106,18 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                               "it comes from a diverged run; use an earlier checkpoint")
     model.load_state_dict(sd)
     return model
+
+
+def _recorded_model(path: str | os.PathLike) -> str:
+    """' It records model X with N classes.' where a multiteach checkpoint says what wrote it."""
+    try:
+        cfg = load_checkpoint(path).get("experiment", {}).get("config", {})
+        model = cfg.get("student", {}).get("model")
+    except (CheckpointError, AttributeError):
+        return " Name the matching model."
+    if not model:
+        return " Name the matching model."
+    return f" It records model {model!r} (dataset {cfg.get('data', {}).get('dataset', '?')}): name that model."
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:

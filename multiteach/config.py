@@ -101,8 +101,8 @@ class DataConfig(_Strict):
     def _exists(cls, v: str | None) -> str | None:
         if v is not None and not Path(v).is_dir():
             raise ValueError(
-                f"data_dir {v!r} does not exist: decode the archives there (python ../shared/data/prepare.py "
-                f"{v}) or unset data_dir to use torchvision's CIFAR"
+                f"data_dir {v!r} does not exist: point it at a folder with train.npz and test.npz (x uint8 "
+                "N,32,32,3; y integer labels), or unset it and set download = true for torchvision's CIFAR"
             )
         return v
 

@@ -80,8 +80,9 @@ def load_cifar(dataset: str = "cifar10", data_dir: str | os.PathLike | None = No
         missing = [s for s in ("train.npz", "test.npz") if not (d / s).is_file()]
         if missing:
             raise FileNotFoundError(
-                f"data directory {str(d)!r} has no {' or '.join(missing)}: decode the archives into it "
-                f"(python ../shared/data/prepare.py {d}) or drop data_dir to use torchvision's CIFAR"
+                f"data directory {str(d)!r} has no {' or '.join(missing)}: write them there (x uint8 N,32,32,3; "
+                "y integer labels; e.g. with numpy.savez), or drop data_dir and pass --download (download = "
+                "true) for torchvision's CIFAR"
             )
         return _shuffled_if_sorted(_read_npz(d / "train.npz")), _shuffled_if_sorted(_read_npz(d / "test.npz"))
     import torchvision

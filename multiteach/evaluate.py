@@ -146,7 +146,7 @@ class Report:
     def table(self, title: str = "Robustness (fp32, eval mode)") -> Any:
         from rich.table import Table
 
-        t = Table(title=f"{title}, n = {self.n}")
+        t = Table(title=f"{title}: test set, n = {self.n} (fp32, eval mode)")
         for col in ("attack", "clean %", "robust %", "W-Robust %", "s", "settings"):
             t.add_column(col, justify="left" if col in ("attack", "settings") else "right")
         for r in self.rows + ([self.worst] if self.worst else []):

@@ -48,7 +48,8 @@ def train_stage(cfg: ExperimentConfig, splits: Splits | None = None, *, console:
         done.write_text(json.dumps({"best": result.best, "epochs": result.epoch,
                                     "seconds_this_call": time.perf_counter() - t0}, indent=2))
     if console is not None:
-        console.log(f"[bold]{run_dir}[/]: {result.epoch} epochs, best on validation {result.best} "
+        best = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.best.items()}
+        console.log(f"[bold]{run_dir}[/]: {result.epoch} epochs, best on validation {best} "
                     f"({time.perf_counter() - t0:.0f} s this call)")
     return run_dir / "best.pt"
 

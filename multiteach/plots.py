@@ -37,6 +37,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names, steps, epochs = read_metrics(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
@@ -55,6 +56,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
             ax.set_yscale("log")
         ax.legend()
         ax.grid(alpha=0.3)
+        ax.set_title(Path(run_dir).resolve().name, fontsize=9)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=120)
         plt.close(fig)
@@ -71,8 +73,10 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
                         label=f"{label} (EMA)")
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation accuracy (%)")
-        ax.legend(fontsize=7, ncol=2)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.legend(fontsize=7, ncol=2, loc="best")
         ax.grid(alpha=0.3)
+        ax.set_title(Path(run_dir).resolve().name, fontsize=9)
         fig.tight_layout()
         fig.savefig(out / "accuracy.png", dpi=120)
         plt.close(fig)
