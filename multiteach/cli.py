@@ -10,6 +10,7 @@ model, CUDA asked for where there is none) ends as one line naming the problem a
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         dist.close()
     if result.status.startswith("interrupted"):
-        console.print(f"stopped at epoch {result.epoch}; checkpoint in {cfg.run_dir}/last.pt: "
-                      "run the same command again to resume")
+        console.print(f"stopped in epoch {result.epoch + 1} (after step {result.global_step}); checkpoint in "
+                      f"{cfg.run_dir}/last.pt: run the same command again to resume")
         return EXIT_STOPPED
     if dist.is_main:
         _summary(cfg, result)
@@ -92,6 +93,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model_name = args.model or _model_of(args.checkpoint)
     if model_name is None:
         raise UsageError(f"{args.checkpoint} records no model name: pass --model TIMM_NAME")
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".eval.json")
+    if out.is_dir() or not out.parent.is_dir():  # checked before the attacks run, not after
+        raise UsageError(f"--out {str(out)!r} cannot be written: give a file path in an existing folder")
     ecfg = EvalConfig(eps=args.eps, n=args.n, batch_size=args.batch_size, attacks=args.attacks,
                       square_queries=args.queries)
     data = DataConfig(data_dir=args.data_dir, download=args.download, root=args.root, dataset=args.dataset,
@@ -123,7 +127,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report.meta.update(checkpoint=args.checkpoint, model=model_name, device=str(device),
                        data=args.data_dir or "torchvision", eps=ecfg.eps)
     Console().print(report.table(f"{model_name} from {args.checkpoint}"))
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".eval.json")
     report.save_json(out)
     console.log(f"wrote {out}")
     return 0
@@ -268,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import ConfigMismatchError, NonFiniteLossError
 
     args = parser().parse_args(argv)
+    try:  # SIGTERM before training's own handler (start-up, eval) ends like SIGINT: exit 3, one line
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = _interrupt
     try:
         return args.fn(args)
     except NonFiniteLossError as e:
@@ -284,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        console.print("stopped by SIGINT (training saves a checkpoint first; the same command resumes)")
+        console.print("stopped by a signal (a training saves its checkpoint first; the same command resumes)")
         return EXIT_STOPPED
     except Exception as e:  # a bug of ours: one line, the traceback kept in a file
         if args.debug:
@@ -297,7 +304,13 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]internal error:[/] {escape(type(e).__name__)}: {escape(one_line(e))} (traceback in "
                       f"{f.name}; --debug shows it; please report it)", highlight=False, soft_wrap=True)
         return EXIT_INTERNAL
+    finally:
+        if previous is not _interrupt:
+            signal.signal(signal.SIGTERM, previous)
 
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -318,3 +318,26 @@ def test_config_files_that_are_not_a_table_of_settings(tmp_path, text, message):
 def test_a_seed_beyond_numpy_range_is_named():
     with pytest.raises(ValueError, match="seed"):
         mt.TrainConfig(seed=2**64)
+
+
+def test_sigterm_before_training_starts_exits_3_in_one_line(monkeypatch, capsys):
+    from multiteach import cli
+
+    def start_up(args):
+        signal.raise_signal(signal.SIGTERM)  # e.g. while the data loads
+        raise AssertionError("the signal should have stopped the command")
+
+    monkeypatch.setattr(cli, "cmd_presets", start_up)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["presets"]) == cli.EXIT_STOPPED
+    assert "stopped by a signal" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+
+
+def test_eval_refuses_an_output_it_cannot_write_before_attacking(tmp_path, capsys):
+    from multiteach import cli
+
+    ckpt = tmp_path / "m.pt"
+    torch.save(mt.create_model("cifar_resnet8").state_dict(), ckpt)
+    code = cli.main(["eval", str(ckpt), "--model", "cifar_resnet8", "--synthetic", "--out", str(tmp_path)])
+    assert code == cli.EXIT_BAD_INPUT and "cannot be written" in capsys.readouterr().err
