@@ -67,8 +67,8 @@ TINY = {
 # PGD-5 (step 2/255) for teacher and student; KL averaged per sample (batchmean), so a short run is not trained
 # at a tenth of the step the official 1/C scale gives; EMA of the weights, selected against the raw ones.
 # Run 1 (RESULTS.md) left the student 4.7 PGD points under its teacher: its attack now starts uniformly in the
-# ball, as the teacher's SAT attack does. The evaluation reserve holds AutoAttack on 1,000 images (54 s per 250
-# in 250-image chunks on an H200: now one 1,000-image chunk, falling back to 500 and 250).
+# ball, as the teacher's SAT attack does. The evaluation reserve holds both models' rows (~41 s on an H200) and
+# AutoAttack on 1,000 images (54 s per 250-image chunk there; chunks of 1,000, 500 or 250, whichever fits).
 SPEEDRUN = {
     "nat": dict(model="cifar_resnet18", preset="natural", epochs=60, options={},
                 train=dict(batch_size=512, lr=0.4)),
@@ -80,7 +80,7 @@ SPEEDRUN = {
     "train": dict(batch_size=256, lr=0.2, warmup_epochs=1.0, schedule="cosine", milestones=[], weight_decay=5e-4,
                   ema_decay=0.999, eval_every=4, eval_pgd_steps=10, checkpoint_every=5),
     "val_size": 1000, "train_size": None, "eval_n": None,
-    "budget": {"shares": {"nat": 0.10, "adv": 0.36, "student": 0.54}, "eval_reserve_s": 150, "autoattack_n": 1000,
+    "budget": {"shares": {"nat": 0.10, "adv": 0.36, "student": 0.54}, "eval_reserve_s": 160, "autoattack_n": 1000,
                "exit_margin_s": 8},
 }
 PLANS = {"full": FULL, "tiny": TINY, "speedrun": SPEEDRUN}
