@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .rundir import pid_alive
+
 # Keys of published checkpoints that hold no weights of the model (TRADES' WRN keeps an unused block).
 _IGNORED_PREFIXES = ("sub_block1.",)
 _WRAPPER_KEYS = ("model", "state_dict", "student", "net", "model_state_dict")
@@ -126,20 +128,10 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     removed = []
     for tmp in Path(folder).glob(".*.tmp*"):
         pid = tmp.name.rsplit(".tmp", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 __all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "load_weights", "remove_stale_temps",

@@ -21,7 +21,10 @@ class RunDirBusyError(ValueError):
     """Another live process trains in this run directory."""
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    if pid <= 0:  # os.kill would address a process group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -59,7 +62,8 @@ class RunLock:
                 if holder is None or self._mine(holder):
                     self.path.unlink(missing_ok=True)
                     continue
-                if holder.get("host") == self.me["host"] and not _alive(int(holder.get("pid", -1))):
+                pid = holder.get("pid")
+                if not isinstance(pid, int) or (holder.get("host") == self.me["host"] and not pid_alive(pid)):
                     self.path.unlink(missing_ok=True)  # stale: its process is gone
                     continue
                 raise RunDirBusyError(
@@ -84,4 +88,4 @@ class RunLock:
         self.release()
 
 
-__all__ = ["LOCK", "RunDirBusyError", "RunLock"]
+__all__ = ["LOCK", "RunDirBusyError", "RunLock", "pid_alive"]
