@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ablations", action="store_true", help="add the Fig. 2 ablations (baseline, baseline_mt)")
     p.set_defaults(run_dir="runs/table2")
     args = p.parse_args(argv)
+    if args.budget:
+        p.error("--budget plans one student (examples/mtard_cifar.py, benchmarks/reference.sh): train each defense "
+                "for set epochs here")
     run = Pipeline(args)
     teachers = {"nat": run.teacher("nat"), "adv": run.teacher("adv")}
     results = {}
