@@ -341,3 +341,28 @@ def test_eval_refuses_an_output_it_cannot_write_before_attacking(tmp_path, capsy
     torch.save(mt.create_model("cifar_resnet8").state_dict(), ckpt)
     code = cli.main(["eval", str(ckpt), "--model", "cifar_resnet8", "--synthetic", "--out", str(tmp_path)])
     assert code == cli.EXIT_BAD_INPUT and "cannot be written" in capsys.readouterr().err
+
+
+def test_the_readme_cli_path_from_nothing_to_an_mtard_student(tmp_path):
+    """The README's command chain (teachers into the run directories the mtard config reads, then the
+    student), on toy data with tiny models and two steps per stage."""
+    cli = [sys.executable, "-m", "multiteach.cli"]
+    tiny = ["--set", "student.model=cifar_resnet8"]
+    configs = [
+        ["config", "natural", "--set", "run_dir=runs/nat_teacher", *tiny, "-o", "nat.toml"],
+        ["config", "sat", "--set", "run_dir=runs/adv_teacher", *tiny, "-o", "adv.toml"],
+        ["config", "mtard", *tiny, "--set", "teachers.adv.model=cifar_resnet8", "--set",
+         "teachers.nat.model=cifar_resnet8", "-o", "mtard.toml"],
+    ]
+    for args in configs:
+        r = subprocess.run([*cli, *args], cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    small = [f"--set={kv}" for kv in ("train.epochs=1", "train.steps_per_epoch=2", "train.batch_size=16",
+                                      "train.progress=false", "data.val_size=32", "data.train_size=64",
+                                      "train.eval_pgd_steps=1")]
+    for name in ("nat", "adv", "mtard"):
+        extra = small + (["--set=options.steps=1"] if name != "nat" else [])
+        r = subprocess.run([*cli, "train", f"{name}.toml", "--synthetic", *extra], cwd=tmp_path,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, (name, r.stderr[-2000:])
+    assert (tmp_path / "runs" / "mtard" / "best.pt").is_file()
