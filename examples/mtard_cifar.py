@@ -137,6 +137,8 @@ class Pipeline:
         run_dir = Path(args.run_dir)
         self.cache = Path(args.teacher_cache) if args.teacher_cache else run_dir.parent / "teachers"
         self.timings: dict[str, float] = {}
+        self.environment = environment()
+        console.log(" | ".join(f"{k} {v}" for k, v in self.environment.items()))
 
     def _train(self, role: str, defaults: dict | None = None, **overrides) -> dict:
         """The stage's TrainConfig fields: defaults < the plan's < the role's < overrides (+ its time budget)."""
@@ -256,10 +258,18 @@ class Pipeline:
                   "models": {k: r.to_dict() for k, r in ev.reports.items()},
                   "nat_teacher_clean": nat_clean, "skipped": ev.skipped, "timings": self.timings,
                   "budget": self.budget.summary() if self.budget is not None else None,
-                  "data": a.data_dir or "torchvision", "preset": preset}
+                  "data": a.data_dir or "torchvision", "preset": preset, "environment": self.environment}
         (best.parent / "eval.json").write_text(json.dumps(result, indent=2))
         self.result_table = reference_rich_table(ev.reports, self.timings, ev.skipped)
         return result
+
+
+def environment() -> dict[str, str]:
+    """What a reported figure ran on: the device, torch, timm."""
+    import timm
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"device": device, "torch": torch.__version__, "timm": timm.__version__}
 
 
 def _chunks(n: int) -> tuple[int, ...]:
