@@ -268,9 +268,8 @@ class TimedEvaluation:
         n = min(n or len(self.y), len(self.y))
         sizes = sorted({chunk} if isinstance(chunk, int) else set(chunk or [n]), reverse=True)
         done: list[Tensor] = []
-        t0 = time.perf_counter()
-        while sum(len(m) for m in done) < n:
-            lo = sum(len(m) for m in done)
+        lo, t0 = 0, time.perf_counter()
+        while lo < n:
             fits = [c for c in sizes if required or self.predict(attack, min(c, n - lo)) <= self.left() - self.margin_s]
             if not fits:
                 break
@@ -282,19 +281,18 @@ class TimedEvaluation:
                 if required:
                     raise
                 self.skipped.append(f"{model_name}/{name} ({type(e).__name__}: {e})")
-                done = []
-                break
+                return None
             seconds = time.perf_counter() - t1
             own = self._per_attack.setdefault(id(attack), (attack, [0.0, 0.0]))[1]
             own[0], own[1] = own[0] + seconds, own[1] + hi - lo
             if not isinstance(attack, AutoAttack):  # its cost in passes is a rough guess: not a rate to learn from
                 self._passes[0] += seconds
                 self._passes[1] += (hi - lo) * attack_cost(attack)
-        k = sum(len(m) for m in done)
-        if k == 0:
-            if not any(s.startswith(f"{model_name}/{name} (") for s in self.skipped):
-                self.skipped.append(f"{model_name}/{name}")
+            lo = hi
+        if lo == 0:
+            self.skipped.append(f"{model_name}/{name}")
             return None
+        k = lo
         mask = torch.cat(done)
         clean_acc = self._clean[model_name][:k].float().mean().item()
         robust = mask.float().mean().item()

@@ -134,7 +134,6 @@ class Trainer:
         self._records: list[tuple[int, int, float, Tensor, Tensor, Tensor]] = []
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self._writer = None
-        self.clock = clock
         self.planner: EpochPlanner | None = None
         if self.cfg.time_budget_s is not None:
             self.planner = EpochPlanner(self.cfg.time_budget_s, self.steps_per_epoch, max_epochs=self.cfg.epochs,
