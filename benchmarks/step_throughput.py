@@ -163,8 +163,7 @@ def check_fast_path(batch: int = 256) -> dict[str, float]:
                 recipe(x, y)  # records the graphs (and moves BN statistics: restored below)
             recipe.student.load_state_dict(init)
         with mt.runtime.autocast(precision, dev):
-            attack = recipe.runners.get(id(pgd))
-            x_adv = attack(x, y, None) if attack is not None else pgd(recipe.student, x, y)
+            x_adv = recipe.branches[0].transform(recipe.student, x, y)  # the graphed attack on the fast path
         with torch.no_grad(), mt.transforms.module_mode(recipe.student, "eval"):
             adv_ce = F.cross_entropy(recipe.student(x_adv.float()), y).item()
         recipe.student.zero_grad(set_to_none=True)

@@ -1,30 +1,57 @@
 """multiteach: multi-teacher (adversarial) knowledge distillation for PyTorch.
 
-A recipe is a student, N branches (input transform, frozen teacher, loss) and a weighter; MTARD
+A recipe is a student, N branches (input transform, teacher, per-sample loss) and a weighter; MTARD
 (Zhao et al., ECCV 2022) is ``presets.mtard``: an adversarial teacher on PGD inputs and a natural teacher
 on clean inputs, balanced by the Adaptive Normalization Loss (``ANL``).
+
+Names are imported on first use (PEP 562), so ``multiteach --help`` does not pay for torch and timm.
 """
 
-from . import models, presets
-from .balance import EntropyBalance
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint, load_weights
-from .config import DataConfig, EvalConfig, ExperimentConfig, ModelConfig, TrainConfig
-from .data import TensorLoader, load_cifar, split_validation
-from .evaluate import AutoAttack, Square, Transfer, evaluate, standard_attacks
-from .losses import CrossEntropy, KLDistill, kl_divergence
-from .recipe import STUDENT, Branch, Recipe, StepOutput
-from .teachers import Teacher, create_model
-from .trainer import Trainer, TrainResult
-from .transforms import FGSM, PGD, Clean, InputTransform
-from .weighting import ANL, DWA, Fixed, RandomLossWeighting, UncertaintyWeighting, Weighter
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ANL", "DWA", "FGSM", "PGD", "STUDENT", "AutoAttack", "Branch", "CheckpointError", "Clean", "CrossEntropy",
-    "DataConfig", "EntropyBalance", "EvalConfig", "ExperimentConfig", "Fixed", "InputTransform", "KLDistill",
-    "ModelConfig", "RandomLossWeighting", "Recipe", "Square", "StepOutput", "Teacher", "TensorLoader",
-    "TrainConfig", "TrainResult", "Trainer", "Transfer", "UncertaintyWeighting", "Weighter", "atomic_save",
-    "create_model", "evaluate", "kl_divergence", "load_checkpoint", "load_cifar", "load_weights", "models",
-    "presets", "split_validation", "standard_attacks",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "EntropyBalance": "balance",
+    "CheckpointError": "checkpoint", "atomic_save": "checkpoint", "load_checkpoint": "checkpoint",
+    "load_weights": "checkpoint",
+    "DataConfig": "config", "EvalConfig": "config", "ExperimentConfig": "config", "ModelConfig": "config",
+    "TrainConfig": "config",
+    "TensorLoader": "data", "load_cifar": "data", "split_validation": "data",
+    "Dataset": "datasets",
+    "AutoAttack": "evaluate", "Square": "evaluate", "Transfer": "evaluate", "evaluate": "evaluate",
+    "standard_attacks": "evaluate",
+    "CrossEntropy": "losses", "FeatureHint": "losses", "KLDistill": "losses", "kl_divergence": "losses",
+    "STUDENT": "recipe", "Branch": "recipe", "Recipe": "recipe", "StepOutput": "recipe",
+    "ATTACKS": "registry", "DATASETS": "registry", "PRESETS": "registry", "WEIGHTERS": "registry",
+    "Registry": "registry",
+    "Teacher": "teachers", "create_model": "teachers",
+    "Trainer": "engine", "TrainResult": "engine",
+    "FGSM": "transforms", "PGD": "transforms", "CallableTransform": "transforms", "Clean": "transforms",
+    "InputTransform": "transforms", "TorchattacksTransform": "transforms", "as_transform": "transforms",
+    "ANL": "weighting", "DWA": "weighting", "Fixed": "weighting", "RandomLossWeighting": "weighting",
+    "StepContext": "weighting", "UncertaintyWeighting": "weighting", "Weighter": "weighting",
+}
+_SUBMODULES = {"models", "presets", "fast", "runtime", "transforms", "engine", "methods", "features", "registry",
+               "weighting", "losses", "recipe", "teachers", "evaluate", "data", "datasets", "config", "build"}
+
+__all__ = sorted([*_EXPORTS, "models", "presets"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'multiteach' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS, *_SUBMODULES])

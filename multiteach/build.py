@@ -11,7 +11,8 @@ from pydantic import ConfigDict, ValidationError, validate_call
 from rich.console import Console
 
 from .config import DataConfig, ExperimentConfig
-from .data import NUM_CLASSES, Arrays, TensorLoader, load_cifar, split_validation, synthetic
+from .data import Arrays, TensorLoader, split_validation, synthetic
+from .datasets import load_dataset
 from .distributed import DistContext
 from .presets import get_preset
 from .recipe import Recipe
@@ -31,10 +32,11 @@ class Splits:
 def load_splits(cfg: DataConfig, synthetic_data: bool = False) -> Splits:
     """Train / validation / test arrays as the config says (``synthetic_data``: toy images for smoke runs)."""
     if synthetic_data:
+        n_classes = 10
         train, test = synthetic(max(cfg.train_size or 2048, cfg.val_size + 64)), synthetic(512, seed=1)
     else:
-        train, test = load_cifar(cfg.dataset, cfg.data_dir, cfg.root, cfg.download)
-    n_classes = NUM_CLASSES[cfg.dataset]
+        ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.root, cfg.download)
+        train, test, n_classes = ds.train, ds.test, ds.num_classes
     for split, a in (("train", train), ("test", test)):
         if len(a) == 0:
             raise ValueError(f"the {split} split holds no images")

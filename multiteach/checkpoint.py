@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 from pathlib import Path
@@ -21,17 +22,56 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, unsafe, or of another architecture."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a file-size limit): the previous file is kept."""
+
+
+_WRITE_FAILURES = {  # errno: (what happened, the fix)
+    getattr(errno, "EDQUOT", -1): ("the disk quota is exhausted", "free space (or move run_dir to another disk)"),
+    errno.ENOSPC: ("the disk is full", "free space (or move run_dir to another disk)"),
+    errno.EFBIG: ("the file-size limit was reached", "raise it (ulimit -f unlimited)"),
+}
+
+
+class _RecordingWriter:
+    """A file that remembers the OSError of a failed write: torch.save reports it only as an opaque
+    RuntimeError ("unexpected pos ...")."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` with ``torch.save`` so that ``path`` is either the old file or the complete new one."""
+    """Write ``obj`` with ``torch.save`` so that ``path`` is either the old file or the complete new one.
+
+    A write that fails (a full disk, a file-size limit, an unwritable folder) removes its temp file, keeps the
+    previous ``path`` and raises :class:`CheckpointWriteError` naming the file and the fix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    writer = None
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writer = _RecordingWriter(f)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        cause = writer.error if writer is not None and writer.error is not None else e
+        if not isinstance(cause, OSError):
+            raise
+        raise _write_error(path, cause) from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -44,6 +84,15 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     except OSError:
         pass
     return path
+
+
+def _write_error(path: Path, e: OSError) -> CheckpointWriteError:
+    kept = f"the previous {path.name} is kept" if path.is_file() else f"no {path.name} was written"
+    known = _WRITE_FAILURES.get(e.errno or 0)
+    why, fix = known or (e.strerror or str(e), "make its folder writable (or use another run_dir)")
+    detail = f" ({e.strerror})" if known and e.strerror else ""
+    return CheckpointWriteError(f"writing {str(path)!r} failed: {why}{detail}; {kept}, no temp file left: {fix} "
+                                "and run the same command again to resume")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
@@ -134,5 +183,5 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
-__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "load_weights", "remove_stale_temps",
-           "state_dict_of"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "atomic_save", "load_checkpoint", "load_weights",
+           "remove_stale_temps", "state_dict_of"]

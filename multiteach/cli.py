@@ -4,12 +4,17 @@ Every error a user can cause (a bad config value, an unknown name, a missing fil
 model, CUDA asked for where there is none) ends as one line naming the problem and the fix, with exit code
 2; ``--debug`` shows the traceback instead. Exit codes: 0 done, 1 the run failed (non-finite loss),
 2 bad input, 3 stopped by SIGINT/SIGTERM after writing a checkpoint (run the same command to resume),
-4 an internal error (one line, and the file the traceback was written to).
+4 an internal error (one line, and the file the traceback was written to). A full disk (or a file-size limit)
+while writing is exit 2: checkpoints are written atomically, so the previous last.pt is kept.
+
+Only argparse and rich are imported at module level: torch, timm and the rest of multiteach are imported inside
+the commands, so ``--help`` and argument errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 from pathlib import Path
@@ -71,13 +76,36 @@ def _summary(cfg: Any, result: Any) -> None:
         console.print(f"best on validation: {result.best} -> {cfg.run_dir}/best.pt")
 
 
-def _model_of(checkpoint: str) -> str | None:
-    """The student's timm name recorded in a multiteach training checkpoint (None for a bare state_dict)."""
-    from .checkpoint import load_checkpoint
+def _model_of(checkpoint: str, option: str = "--model") -> str | None:
+    """The student's timm name recorded in a multiteach training checkpoint (None for a bare state_dict).
+
+    The record is read as data, never trusted: a field of the wrong type (``experiment = "oops"``,
+    ``model = 123``) is named in a one-line error that says to pass the name with ``option``."""
+    from .checkpoint import CheckpointError, load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
-    exp = ckpt.get("experiment") if isinstance(ckpt, dict) else None
-    return (exp or {}).get("config", {}).get("student", {}).get("model")
+    if not isinstance(ckpt, dict) or ckpt.get("experiment") is None:
+        return None
+    node: Any = ckpt
+    where = ""
+    for key in ("experiment", "config", "student"):
+        where = f"{where}.{key}" if where else key
+        node = node.get(key)
+        if node is None:
+            return None
+        if not isinstance(node, dict):
+            raise CheckpointError(f"checkpoint {checkpoint!r} records {where} = {_short(node)}, not a table: "
+                                  f"pass the model's timm name with {option} TIMM_NAME")
+    model = node.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise CheckpointError(f"checkpoint {checkpoint!r} records {where}.model = {_short(model)}, not a timm "
+                              f"model name: pass the name with {option} TIMM_NAME")
+    return model
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -100,8 +128,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       square_queries=args.queries)
     data = DataConfig(data_dir=args.data_dir, download=args.download, root=args.root, dataset=args.dataset,
                       val_size=0)
+    device = resolve_device(args.device)  # a device this machine lacks is refused before any work
     splits = load_splits(data, synthetic_data=args.synthetic)
-    device = resolve_device(args.device)
     net = load_model(model_name, args.checkpoint, splits.num_classes).to(device)
     known = standard_attacks(ecfg.eps)
     unknown = [a for a in ecfg.attacks if a not in known]
@@ -113,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.black_box:
         surrogate = None
         if args.surrogate:
-            s_name = args.surrogate_model or _model_of(args.surrogate)
+            s_name = args.surrogate_model or _model_of(args.surrogate, "--surrogate-model")
             if s_name is None:
                 raise UsageError(f"{args.surrogate} records no model name: pass --surrogate-model TIMM_NAME")
             surrogate = load_model(s_name, args.surrogate, splits.num_classes).to(device)
@@ -173,9 +201,11 @@ def cmd_config(args: argparse.Namespace) -> int:
     d = preset_config(args.preset)
     for o in args.set:
         apply_override(d, o)
-    text = (f"# multiteach config for preset {args.preset!r}; run: multiteach train {args.output or 'THIS.toml'}\n"
-            "# teachers' checkpoints must exist (train them with preset 'natural' / 'sat' / 'trades').\n"
-            + to_toml(d))
+    head = f"# multiteach config for preset {args.preset!r}; run: multiteach train {args.output or 'THIS.toml'}\n"
+    if d.get("teachers"):
+        head += "# teachers' checkpoints must exist (train them with preset 'natural' / 'sat' / 'trades').\n"
+    head += "# settings written '# key = ...  # unset' are off: remove the first '#' and give a value.\n"
+    text = head + to_toml(d)
     if args.output:
         Path(args.output).write_text(text)
         console.log(f"wrote {args.output}")
@@ -260,43 +290,35 @@ def one_line(e: BaseException) -> str:
             got = "" if "input" not in err or isinstance(err["input"], dict) else f" (got {err['input']!r})"
             parts.append(f"{loc}: {msg}{got}")
         return "invalid configuration: " + "; ".join(parts)
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.errno in _DISK_FULL:
+        what = repr(str(e.filename)) if e.filename else "a file"
+        return (f"writing {what} failed: {_DISK_FULL[e.errno]} ({e.strerror}): free space (or write elsewhere) "
+                "and run the same command again; a training resumes from its last checkpoint")
     text = str(e).strip().splitlines()
     return " ".join(line.strip() for line in text) if text else type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pydantic import ValidationError
-
-    from .checkpoint import CheckpointError
-    from .trainer import ConfigMismatchError, NonFiniteLossError
-
-    args = parser().parse_args(argv)
+    args = parser().parse_args(argv)  # --help and usage errors end here, before anything heavy is imported
     try:  # SIGTERM before training's own handler (start-up, eval) ends like SIGINT: exit 3, one line
         previous = signal.signal(signal.SIGTERM, _interrupt)
     except ValueError:  # not the main thread: leave signals alone
         previous = _interrupt
     try:
         return args.fn(args)
-    except NonFiniteLossError as e:
-        if args.debug:
-            raise
-        console.print(f"[red]error:[/] {escape(one_line(e))}", highlight=False, soft_wrap=True)
-        return EXIT_FAILED
-    except (ValidationError, ValueError, TypeError, FileNotFoundError, CheckpointError, ConfigMismatchError,
-            ImportError, KeyError) as e:
-        if args.debug:
-            raise
-        console.print(f"[red]error:[/] {escape(one_line(e))}", highlight=False, soft_wrap=True)
-        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         if args.debug:
             raise
-        console.print("stopped by a signal (a training saves its checkpoint first; the same command resumes)")
+        console.print(STOPPED.get(args.command, STOPPED[None]), highlight=False, soft_wrap=True)
         return EXIT_STOPPED
-    except Exception as e:  # a bug of ours: one line, the traceback kept in a file
+    except Exception as e:
         if args.debug:
             raise
-        import tempfile
+        code = exit_code(e)
+        if code != EXIT_INTERNAL:
+            console.print(f"[red]error:[/] {escape(one_line(e))}", highlight=False, soft_wrap=True)
+            return code
+        import tempfile  # a bug of ours: one line, the traceback kept in a file
         import traceback
 
         with tempfile.NamedTemporaryFile("w", prefix="multiteach-error-", suffix=".txt", delete=False) as f:
@@ -309,6 +331,30 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+STOPPED = {
+    "train": "stopped by a signal (a training saves its checkpoint first; the same command resumes)",
+    "eval": "stopped by a signal during eval: no report was written; run the same command again",
+    None: "stopped by a signal",
+}
+
+
+def exit_code(e: BaseException) -> int:
+    """The exit code of an exception that ends a command: 1 a non-finite loss, 2 bad input or environment
+    (pydantic's ValidationError, CheckpointError and ConfigMismatchError are ValueErrors; a full disk), 4 a bug.
+    NonFiniteLossError is known by its class name, so this imports nothing (and survives the class moving)."""
+    if any(c.__name__ == "NonFiniteLossError" for c in type(e).__mro__):
+        return EXIT_FAILED
+    if isinstance(e, ValueError | TypeError | FileNotFoundError | ImportError | KeyError):
+        return EXIT_BAD_INPUT
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+        return EXIT_BAD_INPUT
+    return EXIT_INTERNAL
+
+
+_DISK_FULL = {getattr(errno, "EDQUOT", -1): "the disk quota is exhausted", errno.ENOSPC: "no space left on the disk",
+              errno.EFBIG: "the file-size limit (ulimit -f) was reached"}
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -316,4 +362,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "one_line", "parser", "preset_config"]
+__all__ = ["exit_code", "main", "one_line", "parser", "preset_config"]

@@ -28,7 +28,11 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(2e-4, ge=0)
     nesterov: bool = False
-    schedule: Literal["piecewise", "cosine", "constant"] = "piecewise"
+    optimizer: str = Field("sgd", description="a torch.optim optimizer by name (sgd, adamw, ...); momentum and "
+                                              "nesterov apply to sgd, optimizer_options to any")
+    optimizer_options: dict[str, Any] = Field(default_factory=dict, description="further keyword arguments of the "
+                                                                                "optimizer, e.g. betas")
+    schedule: Literal["piecewise", "cosine", "constant", "onecycle"] = "piecewise"
     milestones: list[int] = Field(default_factory=lambda: [215, 260, 285])
     gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: float = Field(0.0, ge=0)
@@ -73,21 +77,15 @@ class TrainConfig(_Strict):
         return v
 
     def lr_factor(self, epoch_progress: float) -> float:
-        """LR / base LR at a (fractional) epoch: linear warmup, then piecewise, cosine or constant."""
-        if self.warmup_epochs and epoch_progress < self.warmup_epochs:
-            return (epoch_progress + 1e-9) / self.warmup_epochs
-        if self.schedule == "piecewise":
-            return self.gamma ** sum(epoch_progress >= m for m in self.milestones)
-        if self.schedule == "cosine":
-            import math
+        """LR / base LR at a (fractional) epoch (see :func:`multiteach.engine.optim.lr_factor`)."""
+        from .engine.optim import lr_factor
 
-            span = max(self.epochs - self.warmup_epochs, 1e-9)
-            return 0.5 * (1 + math.cos(math.pi * min((epoch_progress - self.warmup_epochs) / span, 1.0)))
-        return 1.0
+        return lr_factor(self, epoch_progress)
 
 
 class DataConfig(_Strict):
-    dataset: Literal["cifar10", "cifar100"] = "cifar10"
+    dataset: str = Field("cifar10", description="a registered dataset (multiteach.registry.DATASETS): cifar10, "
+                                                "cifar100, or one you register")
     data_dir: str | None = Field(None, description="folder with train.npz/test.npz (x uint8 NHWC, y)")
     root: str = Field("data", description="torchvision download folder when data_dir is not set")
     download: bool = False
@@ -95,6 +93,15 @@ class DataConfig(_Strict):
     train_size: int | None = Field(None, ge=1, description="use only this many training images (quick runs)")
     test_size: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0, lt=2**32, description="seeds the validation split and the train_size subset")
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        from .registry import DATASETS
+
+        if v not in DATASETS:
+            raise ValueError(DATASETS.unknown(v))
+        return v
 
     @field_validator("data_dir")
     @classmethod
@@ -122,12 +129,15 @@ class ModelConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    eps: float = Field(8 / 255, ge=0)
+    """The robustness evaluation; in an experiment config, training reads ``batch_size`` (validation)."""
+
+    eps: float = Field(8 / 255, ge=0, allow_inf_nan=False, description="L-inf radius of the attacks")
     n: int | None = Field(None, ge=1, description="first n test images (default: all)")
-    batch_size: int = Field(256, ge=1)
-    attacks: list[str] = Field(default_factory=lambda: ["fgsm", "pgd_sat", "pgd_trades", "cw_inf"])
-    surrogate: ModelConfig | None = None
-    square_queries: int = Field(5000, ge=1)
+    batch_size: int = Field(256, ge=1, description="images per batch in validation and evaluation")
+    attacks: list[str] = Field(default_factory=lambda: ["fgsm", "pgd_sat", "pgd_trades", "cw_inf"],
+                               description="rows of the robustness table")
+    surrogate: ModelConfig | None = Field(None, description="source model of the transfer attacks")
+    square_queries: int = Field(5000, ge=1, description="query budget of the Square attack")
 
 
 class ExperimentConfig(_Strict):
@@ -145,15 +155,15 @@ class ExperimentConfig(_Strict):
     @field_validator("preset")
     @classmethod
     def _known(cls, v: str) -> str:
-        from .presets import PRESETS
+        from .registry import PRESETS
 
         if v not in PRESETS:
-            raise ValueError(f"unknown preset {v!r}: choose one of {', '.join(sorted(PRESETS))}")
+            raise ValueError(PRESETS.unknown(v))
         return v
 
     @model_validator(mode="after")
     def _teachers(self) -> ExperimentConfig:
-        from .presets import PRESETS
+        from .registry import PRESETS
 
         need = PRESETS[self.preset].teachers
         missing = [t for t in need if t not in self.teachers]
@@ -173,6 +183,8 @@ class ExperimentConfig(_Strict):
         d.pop("run_dir")
         d["train"].pop("progress")
         d["train"].pop("time_budget_s")  # a budgeted run's cache entry is reused under another budget
+        if d["train"]["optimizer"] == "sgd" and not d["train"]["optimizer_options"]:  # digests of runs written
+            del d["train"]["optimizer"], d["train"]["optimizer_options"]  # before these fields existed still match
         d.pop("eval")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -214,32 +226,96 @@ def apply_override(d: dict[str, Any], assignment: str) -> None:
     node[leaf] = value
 
 
-def to_toml(d: dict[str, Any]) -> str:
-    """Write a config dict as TOML (tables after scalars; None values left out)."""
-    def fmt(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, float):
-            return repr(v)
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        return str(v)
+def to_toml(d: dict[str, Any], model: type[BaseModel] | None = None) -> str:
+    """Write a config dict as TOML (with tomlkit), each setting with its one-line description as a comment.
 
-    lines: list[str] = []
+    Settings whose value is None (TOML has no null) are written commented out, as ``# key = ...  # unset:
+    description``, so a user sees every field of ``model`` (default :class:`ExperimentConfig`) in the file.
+    The text reads back (``tomllib``) into the same dict, less its None values."""
+    import tomlkit
 
-    def emit(table: dict[str, Any], prefix: str) -> None:
-        scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and v is not None}
-        tables = {k: v for k, v in table.items() if isinstance(v, dict)}
-        if prefix and (scalars or not tables):
-            lines.append(f"\n[{prefix}]")
-        lines.extend(f"{k} = {fmt(v)}" for k, v in scalars.items())
-        for k, v in tables.items():
-            emit(v, f"{prefix}.{k}" if prefix else k)
+    doc = tomlkit.document()
+    _fill_table(doc, d, ExperimentConfig if model is None else model)
+    return tomlkit.dumps(doc)
 
-    emit(d, "")
-    return "\n".join(lines).lstrip() + "\n"
+
+def _fill_table(table: Any, d: dict[str, Any], model: type[BaseModel] | None) -> None:
+    import tomlkit
+
+    fields = model.model_fields if model is not None else {}
+    for key, value in d.items():  # scalars first: in TOML a table's keys come before its sub-tables
+        if isinstance(value, dict):
+            continue
+        info = fields.get(key)
+        desc = _description(info)
+        if value is None:
+            example = _example(info)
+            table.add(tomlkit.comment(f"{key} = {example}  # unset" + (f": {desc}" if desc else "")))
+            continue
+        item = tomlkit.item(list(value) if isinstance(value, tuple) else value)
+        if desc:
+            item.comment(desc)
+            item.trivia.comment_ws = "  "
+        table.add(key, item)
+    for key, value in d.items():
+        if not isinstance(value, dict):
+            continue
+        info = fields.get(key)
+        sub_model, of_tables = _table_model(info)
+        has_scalars = any(not isinstance(v, dict) for v in value.values())
+        sub = tomlkit.table(is_super_table=bool(value) and not has_scalars)
+        if of_tables:
+            for name, entry in value.items():
+                child = tomlkit.table()
+                _fill_table(child, entry if isinstance(entry, dict) else {}, sub_model)
+                sub.add(name, child)
+        else:
+            _fill_table(sub, value, sub_model)
+        desc = _description(info)
+        if desc and not sub.is_super_table():
+            sub.comment(desc)
+            sub.trivia.comment_ws = "  "
+        table.add(key, sub)
+
+
+def _description(info: Any) -> str:
+    desc = getattr(info, "description", None) or ""
+    return " ".join(desc.split())
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    import typing
+
+    args = typing.get_args(annotation) or (annotation,)
+    return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+def _example(info: Any) -> str:
+    """A placeholder for an unset field: ``...``, ``"..."`` for text, an inline table for a model."""
+    import typing
+
+    annotation = getattr(info, "annotation", None)
+    models = _models_in(annotation)
+    if models:
+        return "{" + ", ".join(f"{k} = ..." for k in models[0].model_fields) + "}"
+    return '"..."' if str in (typing.get_args(annotation) or (annotation,)) else "..."
+
+
+def _table_model(info: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The model of a table field, and whether the table maps names to such models (``teachers``)."""
+    import typing
+
+    annotation = getattr(info, "annotation", None)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    models = _models_in(annotation)
+    if models:
+        return models[0], False
+    if typing.get_origin(annotation) is dict:
+        value_models = _models_in(typing.get_args(annotation)[-1]) if typing.get_args(annotation) else []
+        if value_models:
+            return value_models[0], True
+    return None, False
 
 
 __all__ = ["DataConfig", "EvalConfig", "ExperimentConfig", "ModelConfig", "TrainConfig", "apply_override",

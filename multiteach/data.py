@@ -70,21 +70,26 @@ def _shuffled_if_sorted(a: Arrays) -> Arrays:
     return a
 
 
+def load_npz_pair(data_dir: str | os.PathLike) -> tuple[Arrays, Arrays]:
+    """(train, test) from ``data_dir/train.npz`` and ``data_dir/test.npz`` (x uint8 NHWC, y integer labels)."""
+    d = Path(data_dir)
+    missing = [s for s in ("train.npz", "test.npz") if not (d / s).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"data directory {str(d)!r} has no {' or '.join(missing)}: write them there (x uint8 N,32,32,3; "
+            "y integer labels; e.g. with numpy.savez), or drop data_dir and pass --download (download = "
+            "true) for torchvision's CIFAR"
+        )
+    return _shuffled_if_sorted(_read_npz(d / "train.npz")), _shuffled_if_sorted(_read_npz(d / "test.npz"))
+
+
 def load_cifar(dataset: str = "cifar10", data_dir: str | os.PathLike | None = None,
                root: str | os.PathLike = "data", download: bool = False) -> tuple[Arrays, Arrays]:
     """(train, test) arrays, from ``data_dir/{train,test}.npz`` if given, else torchvision under ``root``."""
     if dataset not in NUM_CLASSES:
         raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(NUM_CLASSES)}")
     if data_dir is not None:
-        d = Path(data_dir)
-        missing = [s for s in ("train.npz", "test.npz") if not (d / s).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"data directory {str(d)!r} has no {' or '.join(missing)}: write them there (x uint8 N,32,32,3; "
-                "y integer labels; e.g. with numpy.savez), or drop data_dir and pass --download (download = "
-                "true) for torchvision's CIFAR"
-            )
-        return _shuffled_if_sorted(_read_npz(d / "train.npz")), _shuffled_if_sorted(_read_npz(d / "test.npz"))
+        return load_npz_pair(data_dir)
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
@@ -209,8 +214,29 @@ class TensorLoader:
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self._perm = None if state["perm"] is None else state["perm"].to(self.device)
-        self._pos = int(state["pos"])
+        """Resume where ``state`` was taken. A mid-epoch state holds the epoch's order over the split it was
+        written with: a split of another size (``data.train_size`` changed under ``--force``) cannot continue
+        it and is refused with :class:`~multiteach.checkpoint.CheckpointError`. Between epochs only the
+        generator is kept, and the next epoch draws its order over the split as it is now."""
+        perm, pos = state["perm"], int(state["pos"])
+        if perm is not None and len(perm) != len(self.y):
+            from .checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"the checkpoint (last.pt) was written in the middle of an epoch over {len(perm)} training images; "
+                f"this run has {len(self.y)}: the rest of that epoch cannot be replayed. Resume with the original "
+                "data settings (data.train_size, data.val_size), or start afresh with --restart or another run_dir"
+            )
+        if perm is not None and not 0 <= pos <= len(self):
+            from .checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"the checkpoint (last.pt) was written after batch {pos} of an epoch that now has {len(self)} "
+                "batches (was train.batch_size changed?): resume with the original batch size, or start afresh "
+                "with --restart or another run_dir"
+            )
+        self._perm = None if perm is None else perm.to(self.device)
+        self._pos = pos
         self.generator.set_state(state["generator"])
 
 

@@ -18,19 +18,33 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .transforms import FGSM, PGD, module_mode
+from .registry import ATTACKS
+from .transforms import PGD, module_mode
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
+@ATTACKS.register("pgd_sat", "PGD-20, step 2/255, uniform start, CE (the SAT/MTARD evaluation)")
+def pgd_sat(eps: float = 8 / 255, steps: int = 20) -> PGD:
+    return PGD(eps, 2 / 255, steps, start="uniform")
+
+
+@ATTACKS.register("pgd_trades", "PGD-20, step 0.003, start x + 0.001 N(0,1), CE (the TRADES evaluation)")
+def pgd_trades(eps: float = 8 / 255, steps: int = 20) -> PGD:
+    return PGD(eps, 0.003, steps, start="normal")
+
+
+@ATTACKS.register("cw_inf", "CW-inf: PGD-30 on the CW margin (kappa 50), step 0.003, uniform start")
+def cw_inf(eps: float = 8 / 255, steps: int = 30) -> PGD:
+    return PGD(eps, 0.003, steps, start="uniform", objective="cw")
+
+
+STANDARD = ("fgsm", "pgd_sat", "pgd_trades", "cw_inf")
+
+
 def standard_attacks(eps: float = 8 / 255) -> dict[str, Attack]:
     """The white-box rows of the paper's Table 2 (RSLAD/MTARD evaluation convention)."""
-    return {
-        "fgsm": FGSM(eps),
-        "pgd_sat": PGD(eps, 2 / 255, 20, start="uniform"),
-        "pgd_trades": PGD(eps, 0.003, 20, start="normal"),
-        "cw_inf": PGD(eps, 0.003, 30, start="uniform", objective="cw"),
-    }
+    return {name: ATTACKS.build(name, eps=eps) for name in STANDARD}
 
 
 def _require_autoattack() -> Any:
@@ -43,6 +57,7 @@ def _require_autoattack() -> Any:
     return pyautoattack
 
 
+@ATTACKS.register("autoattack", "standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square), the reference code")
 class AutoAttack:
     """Standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square; Croce & Hein 2020), the reference code."""
 
@@ -60,6 +75,7 @@ class AutoAttack:
         return f"AutoAttack(version={self.version!r}, norm={self.norm!r}, eps={self.eps:.5g})"
 
 
+@ATTACKS.register("square", "Square: score-based black-box attack, 5,000 queries per image")
 class Square:
     """Square attack (Andriushchenko et al. 2020): score-based black-box, ``queries`` per image."""
 

@@ -1,13 +1,19 @@
-"""The CUDA fast path: BN-folded low-precision teachers and CUDA-graph replay of attacks and teachers.
+"""The CUDA fast path: components that are faster versions of themselves.
 
 An adversarial-distillation step is dominated by the attack (PGD-10 is ten forward/backward passes of the
-student in eval mode), the teachers' forwards, and many small launches. ``accelerate(recipe)`` folds each
-teacher's eval-mode BatchNorm into its convolutions and keeps its weights in bf16; runs eval-mode attacks
-on a BN-folded view of the student (re-folded from the live weights every step); and records every input
-transform and teacher forward as a CUDA graph (one per input shape) that later steps replay, so the host
-issues a handful of launches per step instead of thousands. Graphs read the live student weights and BN
-buffers (they are updated in place), and draw their random starts from the graph-safe CUDA generator.
-Nothing here runs on the CPU: there the recipe is used as written.
+student in eval mode), the teachers' forwards, and many small launches. ``accelerate(recipe)`` replaces, in
+place and visibly, each component that declares it allows it by a faster one of the same kind:
+
+- a frozen :class:`~multiteach.Teacher` by a :class:`FastTeacher` (a Teacher): under autocast it runs a copy
+  with its eval-mode BatchNorm folded into the convolutions, in bf16, replayed from a CUDA graph; fp32 calls
+  (evaluation) run the exact model;
+- a ``graph_safe`` :class:`~multiteach.InputTransform` by a :class:`GraphedTransform` (an InputTransform):
+  recorded once per input shape as a CUDA graph and replayed, attacking a BN-folded eval-mode view of the
+  student re-folded from its live weights every step. It re-records when the transform's settings change.
+
+What stays eager (a trainable teacher, a teacher read for its features, a user transform that is not
+graph-safe) is named once in the log. Graphs read the live student weights and BN buffers (updated in place)
+and draw their random starts from the graph-safe CUDA generator. On the CPU the recipe is left as written.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .recipe import Recipe
+from .recipe import Recipe, _key
 from .teachers import Teacher
+from .transforms import InputTransform, module_mode
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -50,7 +57,8 @@ class FoldedEval(nn.Module):
         super().__init__()
         import torch.fx as fx
 
-        graph_module = fx.symbolic_trace(model)
+        with module_mode(model, "eval"):  # the trace fixes `self.training`: an eval-mode view has no dropout
+            graph_module = fx.symbolic_trace(model)
         modules = dict(graph_module.named_modules())
         self.pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d, nn.Conv2d]] = []
         for node in list(graph_module.graph.nodes):
@@ -145,39 +153,150 @@ class CapturedCall:
         return static_in, static_out, graph
 
 
-def accelerate(recipe: Recipe, precision: str = "bf16", graphs: bool = True, compile: bool = False) -> Recipe:
-    """Switch a recipe on CUDA to the fast path (see the module docstring); returns the same recipe.
+class FastTeacher(Teacher):
+    """A frozen teacher whose forwards under autocast run a BN-folded low-precision copy (replayed from a CUDA
+    graph with ``graphs``); fp32 forwards (evaluation) run the exact model."""
 
-    ``compile``: also ``torch.compile`` the student the attacks run and the teachers' folded copies, so
-    their BatchNorm/ReLU/residual chains become fused kernels (minutes of compilation at the first step).
+    def __init__(self, teacher: Teacher, dtype: torch.dtype | None, graphs: bool = True, compile: bool = False) -> None:
+        super().__init__(teacher.model, name=teacher.name)
+        fast = _fast_copy(teacher.model, dtype)
+        self.fast = torch.compile(fast) if compile else fast
+        object.__setattr__(self, "_replay", CapturedCall(_no_grad(self.fast)) if graphs else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            return self.model(x)
+        return self._replay(x) if self._replay is not None else self.fast(x)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, frozen, BN-folded{', CUDA graph' if self._replay is not None else ''}"
+
+
+class GraphedTransform(InputTransform):
+    """A graph-safe transform recorded as a CUDA graph (one per input shape) and replayed.
+
+    It attacks ``view`` (e.g. the BN-folded eval view of the student, ``refresh``-ed from the live weights
+    inside the graph) whenever it is asked to attack ``bound``; any other model runs the transform eagerly.
+    Settings read and written on it are the wrapped transform's; when they change (``eps``, ``steps``, ...)
+    the graphs are recorded again. ``capture`` builds the replayer (a CPU test passes a fake)."""
+
+    def __init__(self, inner: InputTransform, bound: nn.Module, view: nn.Module,
+                 refresh: Callable[[], None] | None = None, capture: Callable[..., Any] = CapturedCall,
+                 log: Callable[[str], None] | None = None) -> None:
+        if not inner.graph_safe:
+            raise ValueError(f"{inner!r} is not graph-safe (graph_safe = False): it cannot be recorded")
+        d = self.__dict__
+        d.update(inner=inner, bound=bound, view=view, refresh=refresh, capture=capture, log=log)
+        d["_settings"] = inner.settings()
+        d["_replay"] = capture(self._run)
+        d["recorded"] = 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["inner"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.inner, name, value)
+
+    # the contract attributes the recipe reads are the wrapped transform's
+    model = property(lambda self: self.inner.model)  # type: ignore[assignment]
+    reference = property(lambda self: self.inner.reference)  # type: ignore[assignment]
+    through = property(lambda self: self.inner.through)  # type: ignore[assignment]
+    needs_reference = property(lambda self: self.inner.needs_reference)  # type: ignore[assignment]
+    bn_mode = property(lambda self: self.inner.bn_mode)  # type: ignore[assignment]
+
+    def _run(self, x: Tensor, y: Tensor, reference: Tensor | None) -> Tensor:
+        if self.refresh is not None:
+            self.refresh()  # fold the live student weights and BN statistics (recorded in the graph)
+        return self.inner(self.view, x, y, reference)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, reference: Tensor | None = None) -> Tensor:
+        if model is not self.bound:
+            return self.inner(model, x, y, reference)
+        settings = self.inner.settings()
+        if settings != self._settings:
+            changed = {k: v for k, v in settings.items() if self._settings.get(k) != v}
+            self.__dict__.update(_settings=settings, _replay=self.capture(self._run), recorded=self.recorded + 1)
+            if self.log is not None:
+                self.log(f"fast path: {type(self.inner).__name__} settings changed ({changed}): recorded again")
+        return self._replay(x, y, reference)
+
+    def __repr__(self) -> str:
+        return f"Graphed({self.inner!r})"
+
+
+def accelerate(recipe: Recipe, precision: str = "bf16", graphs: bool = True, compile: bool = False,
+               log: Callable[[str], None] | None = None) -> list[str]:
+    """Replace the recipe's components by their fast versions on CUDA (see the module docstring); returns the
+    names of the components that stay eager (also logged once). On the CPU nothing changes.
+
+    ``graphs``: record attacks and teachers as CUDA graphs (off under SyncBatchNorm, whose collectives cannot
+    be recorded). ``compile``: also ``torch.compile`` the attacked student view and the teachers' copies.
     """
     device = next(recipe.student.parameters()).device
     if device.type != "cuda":
-        return recipe
+        return []
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    for teacher in recipe.teachers:
-        if isinstance(teacher, Teacher):
-            fast = _fast_teacher(teacher.model, low)
-            teacher.set_fast_forward(torch.compile(fast) if compile else fast)
-    if graphs:
-        folded = folded_eval(recipe.student)
-        for b in recipe.branches:
-            for t in (b.transform, b.teacher_input):
-                if t is not None and id(t) not in recipe.runners and getattr(t, "steps", 0):
-                    if t.model is not None:
-                        model, refresh = t.model, None
-                    elif folded is not None and getattr(t, "bn_mode", None) == "eval":
-                        model, refresh = folded, folded.refresh
-                    else:
-                        model, refresh = recipe.student, None
-                    recipe.runners[id(t)] = _graphed_transform(t, torch.compile(model) if compile else model, refresh)
-        for teacher in recipe.teachers:
-            if isinstance(teacher, Teacher):
-                recipe.runners[id(teacher)] = CapturedCall(_no_grad(teacher))
-    return recipe
+    teachers, transforms, eager = plan(recipe, graphs)
+    folded = folded_eval(recipe.student) if transforms else None
+    fast_transforms: dict[int, InputTransform] = {}
+    for t in transforms:
+        bound = t.model if t.model is not None else recipe.student
+        view, refresh = bound, None
+        if t.model is None and folded is not None and t.bn_mode == "eval":
+            view, refresh = folded, folded.refresh
+        fast_transforms[id(t)] = GraphedTransform(t, bound, torch.compile(view) if compile else view, refresh,
+                                                  log=log)
+    _swap(recipe, {id(t): FastTeacher(t, low, graphs=graphs, compile=compile) for t in teachers}, fast_transforms)
+    if eager and log is not None:
+        log(f"fast path: eager: {'; '.join(eager)}")
+    return eager
 
 
-def _fast_teacher(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+def plan(recipe: Recipe, graphs: bool = True) -> tuple[list[Teacher], list[InputTransform], list[str]]:
+    """Which components ``accelerate`` replaces: (frozen teachers to fold, transforms to record) and the
+    names of those that stay eager, with why."""
+    feature_teachers = {key[1][0] for key, layers in recipe.layers.items() if key[0] == "teacher" and layers}
+    teachers, transforms, eager = [], [], []
+    for t in recipe.teachers:
+        if t.trainable or id(t) in feature_teachers or type(t) is not Teacher:
+            why = "trainable" if t.trainable else "read for its features" if id(t) in feature_teachers else \
+                type(t).__name__
+            eager.append(f"teacher {t.name} ({why})")
+        else:
+            teachers.append(t)
+    seen: set[int] = set()
+    for b in recipe.branches:
+        for t in (b.transform, b.teacher_input):
+            if t is None or _key(t) == "clean" or id(t) in seen:
+                continue
+            seen.add(id(t))
+            if graphs and t.graph_safe:
+                transforms.append(t)
+            else:
+                eager.append(f"transform {t!r} ({'not graph-safe' if not t.graph_safe else 'graphs off'})")
+    return teachers, transforms, eager
+
+
+def _swap(recipe: Recipe, teachers: dict[int, Teacher], transforms: dict[int, InputTransform]) -> None:
+    """Put the fast components where the originals were: branches, transforms' own modules, the teacher list."""
+    def sub(m: Any) -> Any:
+        return teachers.get(id(m), m)
+
+    for b in recipe.branches:
+        b.teacher = sub(b.teacher)
+        for t in (b.transform, b.teacher_input):
+            if t is not None:
+                for attr in ("model", "reference", "through"):
+                    if getattr(t, attr, None) is not None and id(getattr(t, attr)) in teachers:
+                        setattr(t, attr, sub(getattr(t, attr)))
+        b.transform = transforms.get(id(b.transform), b.transform)
+        if b.teacher_input is not None:
+            b.teacher_input = transforms.get(id(b.teacher_input), b.teacher_input)
+    recipe.teachers = nn.ModuleList([sub(t) for t in recipe.teachers])
+    recipe.layers = recipe._layers()
+
+
+def _fast_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     fast = fold_batchnorm(model)
     if fast is model:
         import copy
@@ -189,21 +308,13 @@ def _fast_teacher(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     return fast.to(memory_format=torch.channels_last)
 
 
-def _graphed_transform(t: Any, model: nn.Module, refresh: Callable[[], None] | None) -> CapturedCall:
-    def run(x: Tensor, y: Tensor, ref: Tensor | None) -> Tensor:
-        if refresh is not None:
-            refresh()  # fold the live student weights and BN statistics (recorded in the graph)
-        return t(model, x, y, ref)
-
-    return CapturedCall(run)
-
-
-def _no_grad(teacher: nn.Module) -> Callable[[Tensor], Tensor]:
+def _no_grad(module: nn.Module) -> Callable[[Tensor], Tensor]:
     def run(x: Tensor) -> Tensor:
         with torch.no_grad():
-            return teacher(x)
+            return module(x)
 
     return run
 
 
-__all__ = ["CapturedCall", "FoldedEval", "accelerate", "fold_batchnorm", "folded_eval"]
+__all__ = ["CapturedCall", "FastTeacher", "FoldedEval", "GraphedTransform", "accelerate", "fold_batchnorm",
+           "folded_eval", "plan"]

@@ -15,16 +15,31 @@ Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"``: CUDA when available, else CPU. Asking for CUDA where there is none is refused, not
-    silently run on the CPU at a hundredth of the speed."""
+    """``"auto"``: CUDA when available, else CPU. Asking for a device this machine lacks (CUDA, a CUDA index
+    beyond its GPUs, MPS) is refused, not silently run on the CPU at a hundredth of the speed."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {device!r} asked for, but this machine has no usable CUDA GPU: set device = 'auto' or 'cpu'"
-        )
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r} asked for, but this machine has no usable CUDA GPU: set device = 'auto' or 'cpu'"
+            )
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {device!r} asked for, but this machine has {n} CUDA GPU(s) (cuda:0 to "
+                             f"cuda:{n - 1}): set device = 'cuda', 'auto' or 'cpu'")
+    if dev.type == "mps" and not _mps_available():
+        raise ValueError(f"device {device!r} is not available on this machine: use 'cpu' or 'auto'")
     return dev
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> Precision:

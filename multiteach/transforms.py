@@ -1,22 +1,28 @@
 """Input transforms: what a branch feeds to the student and its teacher (clean images, PGD, FGSM, ...).
 
 A transform is a callable ``t(model, x, y, reference=None) -> x'``, like a torchattacks attack, so training
-attacks and evaluation attacks are the same code. In a :class:`~multiteach.Recipe`, branches that share a
-transform instance share its output within a step: one attack, however many branches read it.
+attacks and evaluation attacks are the same code. The base class owns the contract every transform keeps
+(as torchattacks' ``Attack`` does in its ``__call__``): the attacked model runs in the transform's ``bn_mode``
+and every submodule's own mode is restored afterwards; the output is detached; attacks differentiate with
+respect to the input only (``torch.autograd.grad``), so no gradient reaches any weight. A subclass writes one
+algorithm, ``perturb``. A plain callable ``(model, x, y) -> x'`` and torchattacks attacks are accepted through
+:func:`as_transform`. In a :class:`~multiteach.Recipe`, branches that share a transform instance share its
+output within a step: one attack, however many branches read it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
-from typing import Literal
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .losses import cw_margin
+from .registry import ATTACKS
 
 Norm = Literal["Linf", "L2"]
 Start = Literal["uniform", "normal", "none"]
@@ -44,17 +50,38 @@ class InputTransform:
 
     ``model``: the network to attack (``None``: the recipe's student). ``reference``: for objectives that
     compare to a reference output (KL), the module whose clean output is that reference (``None``: the
-    attacked model itself, as in TRADES).
+    attacked model itself, as in TRADES). ``through``: a module whose output on the *perturbed* input is the
+    reference at every step (AdaAD: the attack runs through the teacher; gradients reach the input only).
+    ``bn_mode``: the attacked model's mode while ``perturb`` runs. ``graph_safe``: the transform may be recorded
+    once and replayed as a CUDA graph (fixed shapes, no host syncs, its randomness from torch's CUDA generator);
+    the fast path re-records it when its settings (``settings()``) change.
     """
 
     model: nn.Module | None = None
     reference: nn.Module | None = None
+    through: nn.Module | None = None
     needs_reference: bool = False
+    bn_mode: BNMode = "keep"
+    graph_safe: bool = False
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, reference: Tensor | None = None) -> Tensor:
-        raise NotImplementedError
+        x = x.detach()
+        with module_mode(model, self.bn_mode):
+            out = self.perturb(model, x, y, reference)
+        return out.detach()
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, reference: Tensor | None) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement perturb(model, x, y, reference)")
+
+    def settings(self) -> dict[str, Any]:
+        """The plain-valued settings (eps, alpha, steps, ...): a recorded graph is stale when they change."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, int | float | str | bool | None)}
+
+    def describe(self) -> str:
+        return repr(self)
 
 
+@ATTACKS.register("clean")
 class Clean(InputTransform):
     """The clean batch, unchanged."""
 
@@ -69,6 +96,7 @@ def _per_sample_norm(t: Tensor) -> Tensor:
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
 
 
+@ATTACKS.register("pgd")
 class PGD(InputTransform):
     """Projected gradient descent (Madry et al. 2018) in the L-inf or L2 ball, inside [0, 1].
 
@@ -76,7 +104,10 @@ class PGD(InputTransform):
     TRADES/RSLAD/MTARD) or ``"none"``. ``objective``: ``"ce"`` to the label, ``"kl"`` to a reference output
     (TRADES, RSLAD), ``"cw"`` (Carlini-Wagner margin). ``bn_mode``: the attacked model's mode during the
     attack (``"eval"`` in MTARD/RSLAD/TRADES, ``"train"`` in ARD); its mode is restored afterwards.
+    ``through``: ascend the KL to that module's output on the perturbed input (AdaAD, with ``objective="kl"``).
     """
+
+    graph_safe = True
 
     def __init__(
         self,
@@ -91,6 +122,7 @@ class PGD(InputTransform):
         model: nn.Module | None = None,
         reference: nn.Module | None = None,
         cw_kappa: float = 50.0,
+        through: nn.Module | None = None,
     ) -> None:
         if not math.isfinite(eps) or eps < 0:
             raise ValueError(f"eps must be >= 0 and finite, got {eps}")
@@ -112,8 +144,12 @@ class PGD(InputTransform):
         self.bn_mode: BNMode = bn_mode
         self.model = model
         self.reference = reference
-        self.needs_reference = objective == "kl"
+        self.through = through
+        self.needs_reference = objective == "kl" and through is None
         self.cw_kappa = cw_kappa
+        if through is not None and objective != "kl":
+            raise ValueError("an attack through a module (through=...) ascends the KL to its output: use "
+                             "objective='kl'")
 
     def __repr__(self) -> str:
         return (
@@ -163,23 +199,24 @@ class PGD(InputTransform):
             return x_adv + self.alpha * grad.sign()
         return x_adv + self.alpha * grad / _per_sample_norm(grad)
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, reference: Tensor | None = None) -> Tensor:
-        x = x.detach()
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, reference: Tensor | None) -> Tensor:
         if self.eps == 0:
             return x
-        with module_mode(model, self.bn_mode), torch.enable_grad():
+        with torch.enable_grad():
             if self.needs_reference and reference is None:
                 with torch.no_grad():
                     reference = model(x)
             x_adv = self._init(x)
             for _ in range(self.steps):
                 x_adv.requires_grad_(True)
-                loss = self.objective_value(model(x_adv), y, reference)
+                ref = self.through(x_adv) if self.through is not None else reference
+                loss = self.objective_value(model(x_adv), y, ref)
                 (grad,) = torch.autograd.grad(loss, [x_adv])
                 x_adv = self._project(self._step(x_adv.detach(), grad), x)
-        return x_adv.detach()
+        return x_adv
 
 
+@ATTACKS.register("fgsm")
 class FGSM(PGD):
     """Fast gradient sign method (Goodfellow et al. 2015): one step of size eps from the clean point.
 
@@ -191,4 +228,56 @@ class FGSM(PGD):
         super().__init__(eps=eps, alpha=eps if alpha is None else alpha, steps=1, start=start, **kwargs)
 
 
-__all__ = ["FGSM", "PGD", "Clean", "InputTransform", "module_mode"]
+class CallableTransform(InputTransform):
+    """Any callable ``fn(model, x, y) -> x'`` as a transform (the base class keeps the mode contract)."""
+
+    def __init__(self, fn: Callable[[nn.Module, Tensor, Tensor], Tensor], bn_mode: BNMode = "eval") -> None:
+        self.fn, self.bn_mode = fn, bn_mode
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, reference: Tensor | None) -> Tensor:
+        return self.fn(model, x, y)
+
+    def __repr__(self) -> str:
+        return f"CallableTransform({getattr(self.fn, '__name__', type(self.fn).__name__)})"
+
+
+class TorchattacksTransform(InputTransform):
+    """A torchattacks attack as a transform: ``TorchattacksTransform(torchattacks.PGD, eps=8/255, steps=10)``
+    builds the attack for each model it is asked to attack (the recipe's student), or wraps a built one and
+    points it at that model (``set_model``)."""
+
+    def __init__(self, attack: Any, bn_mode: BNMode = "eval", **options: Any) -> None:
+        self.attack, self.options, self.bn_mode = attack, options, bn_mode
+        self._built: dict[int, Any] = {}
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, reference: Tensor | None) -> Tensor:
+        if isinstance(self.attack, type):
+            atk = self._built.get(id(model))
+            if atk is None:
+                atk = self._built[id(model)] = self.attack(model, **self.options)
+        else:
+            atk = self.attack
+            if atk.model is not model:
+                atk.set_model(model)
+        with torch.enable_grad():
+            return atk(x, y)
+
+    def __repr__(self) -> str:
+        name = self.attack.__name__ if isinstance(self.attack, type) else type(self.attack).__name__
+        return f"TorchattacksTransform({name})"
+
+
+def as_transform(t: Any) -> InputTransform:
+    """An :class:`InputTransform` as it is; a torchattacks attack or a callable ``(model, x, y) -> x'`` wrapped."""
+    if isinstance(t, InputTransform):
+        return t
+    if type(t).__module__.split(".")[0] == "torchattacks":
+        return TorchattacksTransform(t)
+    if callable(t):
+        return CallableTransform(t)
+    raise TypeError(f"a branch's transform must be an InputTransform or a callable (model, x, y) -> x', got "
+                    f"{type(t).__name__}")
+
+
+__all__ = ["ATTACKS", "FGSM", "PGD", "CallableTransform", "Clean", "InputTransform", "TorchattacksTransform",
+           "as_transform", "module_mode"]

@@ -1,17 +1,45 @@
-"""Weighters: map the current per-branch losses to the weights of the total loss, one formula per class.
+"""Weighters: map one step's losses to the weights of the total loss, one formula per class.
 
-``update(losses) -> weights`` takes N detached losses and returns N weights (constants in the backward);
-``combine(losses)`` returns ``(total, weights)``. Every state a weighter carries is in its ``state_dict``,
-so a resumed run follows the same trajectory. ``update`` runs on the losses' device with no host sync.
+A weighter reads a :class:`StepContext` (per-sample losses of every branch, the labels, the student's and the
+teachers' outputs, the epoch) and returns weights per branch, shape (N,), or per branch and sample, (N, B),
+used as constants in the backward: ``total = sum_i mean_b W_ib L_ib``. Batch-level formulas (ANL, DWA, ...)
+implement ``update(losses) -> weights`` on the N batch-mean losses; per-sample and per-class ones override
+``weigh(ctx)``. Every state a weighter carries (running averages, per-class tables) is in its
+``state_dict``, so a resumed run follows the same trajectory. Weighters run on the losses' device with no
+host sync.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from .registry import WEIGHTERS
+
+
+@dataclass
+class StepContext:
+    """What a weighter may read at one step. Outputs are detached; ``sync`` averages over DDP ranks."""
+
+    losses: Tensor  # (N, B) per-sample losses, detached
+    y: Tensor  # (B,) labels
+    student: list[Tensor | None] = field(default_factory=list)  # branch i's student output
+    targets: list[Tensor | None] = field(default_factory=list)  # branch i's target (teacher output)
+    epoch: int = 0  # epochs finished before this step
+    sync: Callable[[Tensor], Tensor] | None = None
+    _batch: Tensor | None = field(default=None, repr=False)
+
+    def batch_losses(self) -> Tensor:
+        """(N,) mean loss of each branch over the global batch (all ranks under DDP, reduced once): what
+        batch-level weighters read, so every rank computes the same weights."""
+        if self._batch is None:
+            mean = self.losses.float().mean(1)
+            self._batch = mean if self.sync is None else self.sync(mean)
+        return self._batch
 
 
 def _as_losses(losses: Sequence[float] | Tensor, n: int, device: torch.device) -> Tensor:
@@ -23,7 +51,8 @@ def _as_losses(losses: Sequence[float] | Tensor, n: int, device: torch.device) -
 
 
 class Weighter(nn.Module):
-    """Base class. Subclasses implement ``update``; those with a loss-dependent total override ``combine``."""
+    """Base class. Batch-level formulas implement ``update``; per-sample ones override ``weigh``; those whose
+    total is not a weighted sum (uncertainty weighting) override ``combine``."""
 
     def __init__(self, n: int) -> None:
         super().__init__()
@@ -37,26 +66,44 @@ class Weighter(nn.Module):
         return self._device_probe.device
 
     def update(self, losses: Sequence[float] | Tensor) -> Tensor:
+        """(N,) weights from the (N,) batch losses (batch-level formulas)."""
         raise NotImplementedError
 
-    def combine(self, losses: Tensor, observed: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Total loss and weights; ``observed`` (e.g. the all-reduced losses under DDP) feeds the update."""
+    def weigh(self, ctx: StepContext) -> Tensor:
+        """(N,) or (N, B) weights for this step; default: ``update`` on the global batch's mean losses."""
+        return self.update(ctx.batch_losses())
+
+    def combine(self, losses: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
+        """``(total, reported)``: total = sum_i mean_b W_ib L_ib for the (N, B) per-sample ``losses``;
+        ``reported`` is (N,): W itself, or its mean over the batch for per-sample weights."""
         if self.device != losses.device:
             self.to(losses.device)
-        w = self.update(losses.detach() if observed is None else observed)
-        return (w.to(losses.dtype) * losses).sum(), w
+        w = self.weigh(ctx).detach()
+        if w.dim() == 1:
+            return (w.to(losses.dtype) * losses.mean(1)).sum(), w
+        if w.shape != losses.shape:
+            raise ValueError(f"{type(self).__name__} returned weights of shape {tuple(w.shape)} for losses of "
+                             f"shape {tuple(losses.shape)}: return (N,) or (N, B)")
+        return (w.to(losses.dtype) * losses).mean(1).sum(), w.float().mean(1)
 
     def on_lr(self, ratio: float) -> None:
         """Called each step with lr / base_lr: weighters whose own rate follows the schedule use it."""
 
     def on_epoch_end(self) -> None:
-        """Called at the end of each epoch (DWA's loss history moves on)."""
+        """Called at the end of each epoch (DWA's loss history moves on; per-class tables refresh)."""
 
 
+@WEIGHTERS.register("fixed")
 class Fixed(Weighter):
-    """Constant weights: RSLAD's 5/6, 1/6; TRADES' 1, beta; the ablation's 1/2, 1/2."""
+    """Constant weights: RSLAD's 5/6, 1/6; TRADES' 1, beta; the ablation's 1/2, 1/2 (uniform unless given)."""
 
-    def __init__(self, weights: Sequence[float]) -> None:
+    def __init__(self, weights: Sequence[float] | None = None, n: int | None = None) -> None:
+        if weights is None:
+            if n is None:
+                raise ValueError("Fixed needs its weights, or n for uniform weights 1/n")
+            weights = [1.0 / n] * n
+        if n is not None and len(weights) != n:
+            raise ValueError(f"Fixed has {len(weights)} weights for {n} branches")
         super().__init__(len(weights))
         self.register_buffer("weights", torch.tensor([float(w) for w in weights]))
 
@@ -68,6 +115,7 @@ class Fixed(Weighter):
         return f"weights={[round(w, 6) for w in self.weights.tolist()]}"
 
 
+@WEIGHTERS.register("anl")
 class ANL(Weighter):
     """Adaptive Normalization Loss (Zhao et al., ECCV 2022), for any number of branches.
 
@@ -112,6 +160,7 @@ class ANL(Weighter):
         return f"n={self.n}, beta={self.beta}, rw={self.rw}, follow_lr={self.follow_lr}"
 
 
+@WEIGHTERS.register("dwa")
 class DWA(Weighter):
     """Dynamic Weight Average (Liu et al., CVPR 2019): w_i = N softmax_i(r_i / T), r_i = L_i(e-1) / L_i(e-2).
 
@@ -143,6 +192,7 @@ class DWA(Weighter):
         self.epoch_count.zero_()
 
 
+@WEIGHTERS.register("uw")
 class UncertaintyWeighting(Weighter):
     """Homoscedastic uncertainty weighting (Kendall et al., CVPR 2018), learnable s_i = log sigma_i^2:
 
@@ -159,14 +209,15 @@ class UncertaintyWeighting(Weighter):
         _as_losses(losses, self.n, self.log_vars.device)
         return (0.5 * torch.exp(-self.log_vars)).detach()
 
-    def combine(self, losses: Tensor, observed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def combine(self, losses: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
         if self.device != losses.device:
             self.to(losses.device)
         s = self.log_vars.float()
-        total = (0.5 * torch.exp(-s) * losses.float() + 0.5 * s).sum()
+        total = (0.5 * torch.exp(-s) * losses.float().mean(1) + 0.5 * s).sum()
         return total, (0.5 * torch.exp(-s)).detach()
 
 
+@WEIGHTERS.register("rlw")
 class RandomLossWeighting(Weighter):
     """Random loss weighting (Lin et al., TMLR 2022): w = softmax(z), z ~ N(0, I), drawn anew each step.
 
@@ -191,16 +242,17 @@ class RandomLossWeighting(Weighter):
         self._gen.set_state(state)
 
 
-WEIGHTERS = {"anl": ANL, "fixed": Fixed, "dwa": DWA, "uw": UncertaintyWeighting, "rlw": RandomLossWeighting}
+def make_weighter(spec: str | dict | Weighter, n: int, **defaults: object) -> Weighter:
+    """A weighter for ``n`` branches from a name or ``{name = ..., **options}`` (``WEIGHTERS``); ``defaults``
+    are options used unless the spec sets them (a preset's official settings). An unknown name or option
+    is a one-line error listing the choices."""
+    w = WEIGHTERS.build(spec, fixed={"n": n}, **defaults)
+    if not isinstance(w, Weighter):
+        raise TypeError(f"a weighter must be a multiteach Weighter, got {type(w).__name__}")
+    if w.n != n:
+        raise ValueError(f"the weighter is for {w.n} losses, the recipe has {n} branches")
+    return w
 
 
-def make_weighter(name: str, n: int, **kwargs: object) -> Weighter:
-    """A weighter by name (``WEIGHTERS``) for ``n`` branches; ``fixed`` is uniform unless ``weights`` given."""
-    if name not in WEIGHTERS:
-        raise ValueError(f"unknown weighter {name!r}: choose one of {', '.join(WEIGHTERS)}")
-    if name == "fixed":
-        return Fixed(kwargs.get("weights") or [1.0 / n] * n)  # type: ignore[arg-type]
-    return WEIGHTERS[name](n, **kwargs)
-
-__all__ = ["ANL", "DWA", "Fixed", "RandomLossWeighting", "UncertaintyWeighting", "WEIGHTERS", "Weighter",
-           "make_weighter"]
+__all__ = ["ANL", "DWA", "WEIGHTERS", "Fixed", "RandomLossWeighting", "StepContext", "UncertaintyWeighting",
+           "Weighter", "make_weighter"]

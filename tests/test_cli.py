@@ -160,3 +160,72 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["student"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def _unset_fields(cfg: dict, model, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(table, key, description) of every None-valued field of a config dict, through nested models."""
+    from pydantic import BaseModel
+
+    out = []
+    for key, value in cfg.items():
+        info = model.model_fields.get(key) if model is not None else None
+        if value is None:
+            out.append((prefix, key, " ".join((info.description or "").split()) if info else ""))
+        elif isinstance(value, dict) and info is not None:
+            sub = info.annotation if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel) \
+                else None
+            if sub is not None:
+                out += _unset_fields(value, sub, f"{prefix}{key}.")
+    return out
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_config_writes_every_field_and_reads_back_equal(tmp_path, monkeypatch, capsys, preset):
+    """`multiteach config PRESET` (tomlkit): fields that are None are written commented out with their
+    description; the file reads back (tomllib) into the same, valid ExperimentConfig."""
+    import tomllib
+
+    from multiteach import cli as cli_module
+
+    monkeypatch.chdir(tmp_path)
+    expected = preset_config(preset)
+    for t in expected["teachers"].values():  # the teachers' checkpoints the written config points at
+        Path(t["checkpoint"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(t["checkpoint"]).write_bytes(b"")
+    assert cli_module.main(["config", preset, "-o", "c.toml"]) == 0
+    text = Path("c.toml").read_text()
+    back = ExperimentConfig.model_validate(tomllib.loads(text))
+    assert back == ExperimentConfig.model_validate(expected)
+    assert back.model_dump(mode="json") == ExperimentConfig.model_validate(expected).model_dump(mode="json")
+    unset = _unset_fields(back.model_dump(mode="json"), ExperimentConfig)
+    assert {k for _, k, _ in unset} >= {"data_dir", "train_size", "steps_per_epoch", "time_budget_s"}
+    lines = text.splitlines()
+    for table, key, desc in unset:
+        section = lines.index(f"[{table.rstrip('.')}]") if table else 0
+        commented = next(line for line in lines[section:] if line.startswith(f"# {key} = "))
+        assert "# unset" in commented and desc in commented, (key, commented)
+
+
+def test_help_imports_neither_torch_nor_timm():
+    """`multiteach --help` and `multiteach train --help` parse before anything heavy is imported. The package's
+    __init__ imports everything, so this loads multiteach.cli without it (what a lazy __init__ would give)."""
+    code = """
+import importlib.util, sys, types
+spec = importlib.util.find_spec("multiteach")
+pkg = types.ModuleType("multiteach")
+pkg.__path__ = list(spec.submodule_search_locations)
+sys.modules["multiteach"] = pkg
+from multiteach import cli
+for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["config", "--help"], ["train"]):
+    try:
+        cli.main(argv)
+    except SystemExit as e:
+        print("exit", e.code, file=sys.stderr)
+print(sorted(m for m in ("torch", "timm", "numpy", "pydantic", "multiteach.build", "multiteach.trainer",
+                         "multiteach.config") if m in sys.modules))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout[-500:]
+    assert r.stderr.count("exit 0") == 4 and "exit 2" in r.stderr  # `train` without its config: a usage error
+    assert "--restart" in r.stdout and "--autoattack" in r.stdout

@@ -1,11 +1,13 @@
 """CUDA paths (fast path, CUDA graphs, bf16): skipped without a GPU, run on the device machine."""
 
+import copy
+
 import pytest
 import torch
 
 import multiteach as mt
 from multiteach.data import TensorLoader, synthetic
-from multiteach.fast import CapturedCall, fold_batchnorm
+from multiteach.fast import CapturedCall, FastTeacher, GraphedTransform, accelerate, fold_batchnorm
 from tests.conftest import tiny_net
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -45,9 +47,73 @@ def test_fast_path_trains_with_frozen_teachers(tmp_path):
     loader = TensorLoader(synthetic(512), 64, shuffle=True, augment=True, drop_last=True, device="cuda")
     cfg = mt.TrainConfig(epochs=3, batch_size=64, lr=0.1, milestones=[], progress=False, eval_every=0, log_every=1)
     res = mt.Trainer(recipe, loader, cfg, run_dir=tmp_path).fit()
-    assert recipe.runners, "the fast path should graph the attack and the teachers on CUDA"
+    assert isinstance(recipe.branches[0].transform, GraphedTransform), "the attack should be graphed on CUDA"
+    assert all(isinstance(t, FastTeacher) for t in recipe.teachers), "the teachers should be BN-folded on CUDA"
     losses = [r["loss"] for r in res.history]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     for t, b in zip(recipe.teachers, before):
         for k, v in t.state_dict().items():
             assert torch.equal(v, b[k]), k
+
+
+def _trained_student():
+    """A student trained a little (natural, then SAT), so that its CE depends on the input: a weaker attack
+    would show as fewer successes (a random-init net's CE is ~ln 10 whatever the input)."""
+    torch.manual_seed(0)
+    net = tiny_net().cuda()
+    loader = TensorLoader(synthetic(1024), 128, shuffle=True, augment=True, drop_last=True, device="cuda")
+    cfg = mt.TrainConfig(epochs=4, batch_size=128, lr=0.1, milestones=[], progress=False, eval_every=0,
+                         precision="fp32", fast=False)
+    mt.Trainer(mt.presets.natural(net), loader, cfg).fit()
+    return net
+
+
+@cuda
+def test_fast_step_matches_eager_on_a_trained_student():
+    student = _trained_student()
+    t_adv, t_nat = mt.Teacher(tiny_net(seed=1)).cuda(), mt.Teacher(tiny_net(seed=2)).cuda()
+    eager = mt.presets.mtard(copy.deepcopy(student), copy.deepcopy(t_adv), copy.deepcopy(t_nat)).cuda().train()
+    fast = mt.presets.mtard(copy.deepcopy(student), copy.deepcopy(t_adv), copy.deepcopy(t_nat)).cuda().train()
+    accelerate(fast, "bf16")
+    a = synthetic(256, seed=3)
+    x = torch.from_numpy(a.x).cuda().permute(0, 3, 1, 2).float().div(255)
+    y = torch.from_numpy(a.y).cuda()
+    outs, grads, success = [], [], []
+    for recipe in (eager, fast):
+        with torch.autocast("cuda", torch.bfloat16):
+            out = recipe(x, y)
+        recipe.student.zero_grad()
+        out.total.backward()
+        outs.append(out.losses.float())
+        grads.append(torch.cat([p.grad.flatten() for p in recipe.student.parameters()]))
+        pgd = recipe.branches[0].transform
+        x_adv = pgd(recipe.student, x, y)
+        with torch.no_grad():
+            success.append((recipe.student.eval()(x_adv).argmax(1) != y).float().mean().item())
+        recipe.student.train()
+    rel = ((outs[1] - outs[0]).abs() / outs[0].abs()).max().item()
+    cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0).item()
+    assert rel < 0.05 and cos > 0.95, (rel, cos)
+    assert success[0] > 0.2 and abs(success[1] - success[0]) < 0.05, success
+
+
+@cuda
+def test_graphed_attack_follows_the_student_weights_and_its_settings():
+    student = _trained_student().train()
+    recipe = mt.presets.sat(student, steps=3, start="none").cuda().train()
+    accelerate(recipe, "bf16")
+    g = recipe.branches[0].transform
+    assert isinstance(g, GraphedTransform)
+    a = synthetic(64, seed=4)
+    x = torch.from_numpy(a.x).cuda().permute(0, 3, 1, 2).float().div(255)
+    y = torch.from_numpy(a.y).cuda()
+    g(student, x, y)  # recorded
+    with torch.no_grad():  # an optimizer step moves the weights in place: the next replay must see them
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    want = mt.PGD(steps=3, start="none")(student, x, y)
+    got = g(student, x, y)
+    assert (got - want).abs().max().item() < 2 / 255 + 1e-6  # the same signs but where the folding's rounding flips
+    assert (got == want).float().mean().item() > 0.9
+    g.eps = 0.0  # a change of settings after the first step takes effect: eps 0 returns the clean batch
+    assert torch.equal(g(student, x, y), x) and g.recorded == 2

@@ -77,8 +77,11 @@ def test_numpy_files_and_missing_directory(tmp_path):
 
 def test_anl_never_reads_a_tensor_on_the_host(monkeypatch):
     """The fast path's promise: ANL's update and combine stay on the device (no .item(), no bool())."""
+    from multiteach.weighting import StepContext
+
     anl = mt.ANL(3)
-    losses = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    losses = torch.tensor([[1.0, 1.5], [2.0, 2.5], [3.0, 3.5]], requires_grad=True)  # (branches, samples)
+    y = torch.zeros(2, dtype=torch.long)
 
     def forbidden(*a, **k):
         raise AssertionError("host read of a tensor inside the weighter")
@@ -86,6 +89,6 @@ def test_anl_never_reads_a_tensor_on_the_host(monkeypatch):
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     for scale in (1.0, 0.5, 0.25):
-        total, w = anl.combine(losses * scale, (losses * scale).detach())
+        total, w = anl.combine(losses * scale, StepContext((losses * scale).detach(), y))
     monkeypatch.undo()
     assert w.sum().item() == pytest.approx(1.0) and torch.isfinite(total).item()

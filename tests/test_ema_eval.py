@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import multiteach as mt
+import multiteach.engine.validator as mt_validator
 import multiteach.trainer as mt_trainer
 from multiteach.data import TensorLoader, synthetic
 from multiteach.evaluate import TimedEvaluation, correct_mask
@@ -143,7 +144,7 @@ def _epoch_records(run_dir):
 
 
 def _recording_evaluate(trainer, seen):
-    evaluate = trainer.evaluate
+    evaluate = trainer.validator.evaluate
 
     def wrapped(model=None):
         m = evaluate(model)
@@ -159,7 +160,7 @@ def test_validation_reports_raw_and_ema_and_best_pt_keeps_the_better(tmp_path):
     cfg = _cfg(epochs=3, lr=0.1, milestones=[], eval_every=1, eval_pgd_steps=2)
     trainer = mt.Trainer(_natural(), _loader(), cfg, val_loader=val, run_dir=tmp_path)
     seen = {}
-    trainer.evaluate = _recording_evaluate(trainer, seen)
+    trainer.validator.evaluate = _recording_evaluate(trainer, seen)
     res = trainer.fit()
 
     records = _epoch_records(tmp_path)
@@ -205,7 +206,7 @@ def test_best_pt_switches_between_raw_and_ema_by_w_robust(tmp_path, monkeypatch)
         clean, robust = script[key]
         return {"clean": clean, "robust": robust}
 
-    monkeypatch.setattr(mt_trainer, "clean_and_pgd", fake)
+    monkeypatch.setattr(mt_validator, "clean_and_pgd", fake)
     trainer.fit()
 
     after_1 = best_before[2]

@@ -343,26 +343,225 @@ def test_eval_refuses_an_output_it_cannot_write_before_attacking(tmp_path, capsy
     assert code == cli.EXIT_BAD_INPUT and "cannot be written" in capsys.readouterr().err
 
 
-def test_the_readme_cli_path_from_nothing_to_an_mtard_student(tmp_path):
-    """The README's command chain (teachers into the run directories the mtard config reads, then the
-    student), on toy data with tiny models and two steps per stage."""
-    cli = [sys.executable, "-m", "multiteach.cli"]
-    tiny = ["--set", "student.model=cifar_resnet8"]
-    configs = [
-        ["config", "natural", "--set", "run_dir=runs/nat_teacher", *tiny, "-o", "nat.toml"],
-        ["config", "sat", "--set", "run_dir=runs/adv_teacher", *tiny, "-o", "adv.toml"],
-        ["config", "mtard", *tiny, "--set", "teachers.adv.model=cifar_resnet8", "--set",
-         "teachers.nat.model=cifar_resnet8", "-o", "mtard.toml"],
-    ]
-    for args in configs:
-        r = subprocess.run([*cli, *args], cwd=tmp_path, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-    small = [f"--set={kv}" for kv in ("train.epochs=1", "train.steps_per_epoch=2", "train.batch_size=16",
-                                      "train.progress=false", "data.val_size=32", "data.train_size=64",
-                                      "train.eval_pgd_steps=1")]
-    for name in ("nat", "adv", "mtard"):
-        extra = small + (["--set=options.steps=1"] if name != "nat" else [])
-        r = subprocess.run([*cli, "train", f"{name}.toml", "--synthetic", *extra], cwd=tmp_path,
-                           capture_output=True, text=True)
-        assert r.returncode == 0, (name, r.stderr[-2000:])
-    assert (tmp_path / "runs" / "mtard" / "best.pt").is_file()
+# ---------------------------------------------------------------- issue 11, remaining cases
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+
+
+def _tiny_config(tmp_path, name="run", epochs=1, **data):
+    """A natural-preset config of a few CPU seconds (cifar_resnet8, 2 steps of 16 images per epoch)."""
+    from multiteach.cli import preset_config
+    from multiteach.config import to_toml
+
+    d = preset_config("natural")
+    d["student"]["model"] = "cifar_resnet8"
+    d["options"] = {}
+    d["data"].update({"train_size": 64, "val_size": 32, **data})
+    d["train"].update(epochs=epochs, batch_size=16, steps_per_epoch=2, lr=0.05, milestones=[], progress=False,
+                      log_every=1, eval_pgd_steps=1)
+    d["run_dir"] = str(tmp_path / name)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(to_toml(d))
+    return path
+
+
+def _one_error_line(err, logged=False):
+    """The error, as the only line of stderr (``logged``: the last line, after the run's log lines)."""
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and (logged or len(lines) == 1), err
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1, err
+    return lines[-1]
+
+
+def test_a_full_disk_at_the_checkpoint_write_keeps_the_previous_file_and_no_temp(tmp_path, monkeypatch):
+    import errno
+
+    from multiteach import checkpoint, cli
+
+    last = tmp_path / "last.pt"
+    checkpoint.atomic_save({"epoch": 1}, last)
+
+    def fills_the_disk(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.torch, "save", fills_the_disk)
+    with pytest.raises(checkpoint.CheckpointWriteError) as err:
+        checkpoint.atomic_save({"epoch": 2}, last)
+    monkeypatch.undo()
+    msg = one_line(err.value)
+    assert str(last) in msg and "the disk is full" in msg and "previous last.pt is kept" in msg
+    assert "free space" in msg and cli.exit_code(err.value) == cli.EXIT_BAD_INPUT
+    assert torch.load(last, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left
+
+
+def test_a_file_size_limit_at_the_last_pt_write_is_one_line_exit_2(tmp_path):
+    """The CLI under a real RLIMIT_FSIZE (as a full disk): epoch 1's last.pt is written without the limit,
+    epoch 2's write hits it; the previous last.pt stays readable and no temp file is left."""
+    import resource
+
+    from multiteach import cli
+
+    cfg = _tiny_config(tmp_path, epochs=2)
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", str(cfg), "--synthetic", "--set", "train.epochs=1"]) == 0
+    size = (run_dir / "last.pt").stat().st_size
+    before = torch.load(run_dir / "last.pt", weights_only=True)
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write() instead of a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    r = subprocess.run([sys.executable, "-m", "multiteach.cli", "train", str(cfg), "--synthetic", "--force"],
+                       capture_output=True, text=True, env=ENV, timeout=300, preexec_fn=limit_file_size)
+    assert r.returncode == 2, r.stderr
+    line = _one_error_line(r.stderr, logged=True)
+    assert f"writing '{run_dir / 'last.pt'}' failed: the file-size limit was reached" in line
+    assert "previous last.pt is kept" in line and "ulimit -f" in line
+    after = torch.load(run_dir / "last.pt", weights_only=True)
+    assert after["epoch"] == before["epoch"] == 1 and after["global_step"] == before["global_step"]
+    assert not list(run_dir.glob(".*.tmp*"))
+
+
+def _loader_trainer(run_dir, n, epochs=1):
+    torch.manual_seed(0)
+    loader = TensorLoader(synthetic(n, seed=0), 16, shuffle=True, augment=True, drop_last=True, seed=0)
+    cfg = mt.TrainConfig(epochs=epochs, batch_size=16, lr=0.05, milestones=[], log_every=1, progress=False,
+                         eval_every=0)
+    return mt.Trainer(mt.presets.natural(tiny_net()), loader, cfg, run_dir=run_dir)
+
+
+def test_a_forced_resume_mid_epoch_over_fewer_training_images_is_refused_in_one_line(tmp_path):
+    from multiteach import cli
+    from tests.conftest import SignalAtStep
+
+    cut = _loader_trainer(tmp_path, 64)
+    cut.recipe.forward = SignalAtStep(cut.recipe.forward, 2)  # SIGTERM after step 2 of 4: mid-epoch last.pt
+    assert cut.fit().status.startswith("interrupted")
+    with pytest.raises(CheckpointError) as err:
+        _loader_trainer(tmp_path, 48).fit(force=True)  # data.train_size lowered, --force
+    msg = one_line(err.value)
+    assert "over 64 training images; this run has 48" in msg and "--restart or another run_dir" in msg
+    assert cli.exit_code(err.value) == cli.EXIT_BAD_INPUT and "\n" not in msg
+
+
+def test_a_forced_resume_at_an_epoch_boundary_over_fewer_images_trains_on_them(tmp_path):
+    assert _loader_trainer(tmp_path, 64).fit().status == "finished"
+    res = _loader_trainer(tmp_path, 48, epochs=2).fit(force=True)
+    assert res.status == "finished" and res.epoch == 2
+
+
+@pytest.mark.parametrize("record, field", [
+    ("oops", "experiment = 'oops', not a table"),
+    ({"config": "oops"}, "experiment.config = 'oops', not a table"),
+    ({"config": {"student": {"model": 123}}}, "experiment.config.student.model = 123, not a timm model name"),
+    ({"config": {"student": {"model": ""}}}, "experiment.config.student.model = '', not a timm model name"),
+])
+def test_eval_of_a_checkpoint_with_a_bad_record_names_the_field(tmp_path, capsys, record, field):
+    from multiteach import cli
+
+    ckpt = tmp_path / "m.pt"
+    torch.save({"student": mt.create_model("cifar_resnet8").state_dict(), "experiment": record}, ckpt)
+    assert cli.main(["eval", str(ckpt), "--synthetic", "--n", "8"]) == cli.EXIT_BAD_INPUT
+    line = _one_error_line(capsys.readouterr().err)
+    assert field in line and "--model TIMM_NAME" in line and str(ckpt) in line
+
+
+@pytest.mark.parametrize("override, field", [
+    ("eval.experiment=oops", "eval.experiment: Extra inputs are not permitted"),
+    ("eval.attacks=123", "eval.attacks: Input should be a valid list"),
+    ("eval.eps=nan", "eval.eps: Input should be a finite number"),
+])
+def test_bad_eval_settings_in_a_config_are_named(tmp_path, capsys, override, field):
+    from multiteach import cli
+
+    assert cli.main(["train", str(_tiny_config(tmp_path)), "--synthetic", "--set", override]) == cli.EXIT_BAD_INPUT
+    assert field in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_mps_on_a_machine_without_it_is_one_line_before_any_work(tmp_path, capsys):
+    from multiteach import cli
+
+    cfg = _tiny_config(tmp_path)
+    assert cli.main(["train", str(cfg), "--synthetic", "--set", "train.device=mps"]) == cli.EXIT_BAD_INPUT
+    line = _one_error_line(capsys.readouterr().err)
+    assert line == "error: device 'mps' is not available on this machine: use 'cpu' or 'auto'"
+    assert not (tmp_path / "run").exists()
+    ckpt = tmp_path / "m.pt"
+    torch.save(mt.create_model("cifar_resnet8").state_dict(), ckpt)
+    code = cli.main(["eval", str(ckpt), "--model", "cifar_resnet8", "--synthetic", "--device", "mps"])
+    assert code == cli.EXIT_BAD_INPUT and "'mps' is not available" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3"])
+def test_cuda_on_a_machine_without_it_is_refused(device):
+    from multiteach.runtime import resolve_device
+
+    with pytest.raises(ValueError, match="no usable CUDA GPU: set device = 'auto' or 'cpu'"):
+        resolve_device(device)
+
+
+def test_a_cuda_index_beyond_the_gpus_is_refused(monkeypatch):
+    from multiteach.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"has 2 CUDA GPU\(s\) \(cuda:0 to cuda:1\)"):
+        resolve_device("cuda:2")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+
+
+STOP_EVAL = """
+import importlib
+import sys
+from multiteach import cli
+
+ev = importlib.import_module("multiteach.evaluate")  # the module (the package's attribute is the function)
+
+real = ev.evaluate
+
+def evaluate_until_stopped(*args, **kwargs):  # real attacks, again and again, until the signal comes
+    print("EVAL STARTED", file=sys.stderr, flush=True)
+    while True:
+        real(*args, **kwargs)
+
+ev.evaluate = evaluate_until_stopped
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_eval_exits_3_in_one_line(tmp_path, sig):
+    ckpt, out = tmp_path / "m.pt", tmp_path / "e.json"
+    torch.save(mt.create_model("cifar_resnet8").state_dict(), ckpt)
+    proc = subprocess.Popen([sys.executable, "-c", STOP_EVAL, "eval", str(ckpt), "--model", "cifar_resnet8",
+                             "--synthetic", "--n", "16", "--attacks", "fgsm", "pgd_sat", "--out", str(out)],
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert proc.stderr.readline().strip() == "EVAL STARTED"
+        proc.send_signal(sig)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 3, err
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "Traceback" not in err
+    stopped = [line for line in err.splitlines() if "stopped" in line]
+    assert stopped == ["stopped by a signal during eval: no report was written; run the same command again"], err
+    assert not out.exists()
+
+
+def test_a_full_disk_on_any_other_write_is_exit_2_naming_the_file():
+    import errno
+
+    from multiteach import cli
+
+    e = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "runs/x/metrics.jsonl")
+    assert cli.exit_code(e) == cli.EXIT_BAD_INPUT
+    assert one_line(e) == ("writing 'runs/x/metrics.jsonl' failed: no space left on the disk (No space left on "
+                           "device): free space (or write elsewhere) and run the same command again; a training "
+                           "resumes from its last checkpoint")
+    assert cli.exit_code(OSError(errno.EIO, "I/O error")) == cli.EXIT_INTERNAL

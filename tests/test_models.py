@@ -3,6 +3,7 @@ import timm
 import torch
 
 import multiteach as mt
+import multiteach.models  # noqa: F401  (registers the CIFAR models in timm)
 
 
 @pytest.mark.parametrize("name,params", [
