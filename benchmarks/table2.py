@@ -2,12 +2,15 @@
 
     python benchmarks/table2.py --data-dir DIR                        # GPU: the FULL plan of mtard_cifar.py
     python benchmarks/table2.py --data-dir DIR --tiny --eval-n 100    # CPU: shows that it runs
-    python benchmarks/table2.py --data-dir DIR --defenses sat rslad mtard --ablations
+    python benchmarks/table2.py --data-dir DIR --presets sat rslad mtard adaad --ablations
 
 Natural, SAT and TRADES train the student directly; ARD, RSLAD and MTARD (and the Fig. 2 ablations with
 --ablations) distil from the cached teachers of examples/mtard_cifar.py (trained once, reused). Every
 student gets the same epochs, batch, schedule and seed, is selected on the validation split, and is
-evaluated by the same suite (fp32, eval mode). Writes table2.json in --run-dir.
+evaluated by the same suite (fp32, eval mode). Writes table2.json in --run-dir. ``--presets`` takes any
+registered preset (``multiteach presets`` lists them): teacher roles ``adv``/``nat``/``l2`` get the cached
+teachers, ``peer`` (an online peer) starts from a fresh network of the student's architecture, and any other
+role (the ensemble presets' ``t1``...) the natural teacher.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ COLUMNS = [("fgsm", "FGSM"), ("pgd_sat", "PGD_SAT"), ("pgd_trades", "PGD_TRADES"
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    p.add_argument("--defenses", nargs="+", default=DEFENSES)
+    p.add_argument("--presets", "--defenses", dest="presets", nargs="+", default=DEFENSES,
+                   help=f"presets to train and evaluate (default: {' '.join(DEFENSES)})")
     p.add_argument("--ablations", action="store_true", help="add the Fig. 2 ablations (baseline, baseline_mt)")
     p.set_defaults(run_dir="runs/table2")
     args = p.parse_args(argv)
@@ -43,11 +47,12 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--budget plans one student (examples/mtard_cifar.py, benchmarks/reference.sh): train each defense "
                 "for set epochs here")
     run = Pipeline(args)
-    teachers = {"nat": run.teacher("nat"), "adv": run.teacher("adv")}
+    presets = args.presets + (ABLATIONS if args.ablations else [])
+    needed = {r for preset in presets for r in get_preset(preset).teachers} | {"adv"}  # adv: the surrogate
+    teachers = {r: run.teacher(r) for r in ("nat", "adv", "l2") if r in needed}
     results = {}
-    for preset in args.defenses + (ABLATIONS if args.ablations else []):
-        need = get_preset(preset).teachers
-        best = run.student(preset, {k: v for k, v in teachers.items() if k in need})
+    for preset in presets:
+        best = run.student(preset, {r: teacher_for(r, teachers, run) for r in get_preset(preset).teachers})
         if run.dist.is_main:
             results[preset] = run.table(preset, best, surrogate=teachers["adv"])
     if not run.dist.is_main:
@@ -70,6 +75,17 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"results": results, "timings": run.timings}, indent=2))
     return results
+
+
+def teacher_for(role: str, teachers: dict[str, tuple[str, str]], run: Pipeline) -> tuple[str, str | None]:
+    """(timm name, checkpoint) for a preset's teacher role (see the module docstring)."""
+    if role in teachers:
+        return teachers[role]
+    if role == "peer":
+        return run.args.student or run.plan["student"]["model"], None
+    if "nat" not in teachers:
+        teachers["nat"] = run.teacher("nat")
+    return teachers["nat"]
 
 
 if __name__ == "__main__":

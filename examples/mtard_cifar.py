@@ -33,7 +33,7 @@ from multiteach.budget import TimeBudget
 from multiteach.build import eval_tensors, load_splits
 from multiteach.config import DataConfig
 from multiteach.distributed import DistContext
-from multiteach.evaluate import AutoAttack, TimedEvaluation, black_box_attacks, slow_subsets, standard_attacks
+from multiteach.evaluation import AutoAttack, TimedEvaluation, black_box_attacks, slow_subsets, standard_attacks
 from multiteach.pipeline import evaluate_checkpoint, stage_config, train_cached, train_stage
 from multiteach.presets import get_preset
 from multiteach.teachers import load_model
@@ -43,24 +43,26 @@ console = Console(stderr=True)
 # FULL: the H100 plan (see benchmarks/RESULTS.md for what it reached); TINY: a CPU smoke run.
 FULL = {
     "nat": dict(model="cifar_resnet18", preset="natural", epochs=20, options={}),
-    "adv": dict(model="cifar_resnet18", preset="sat", epochs=30, options={"steps": 5}),
+    "adv": dict(model="cifar_resnet18", preset="sat", epochs=30, options={"steps": 5, "bn_mode": "eval"}),
     "l2": dict(model="cifar_resnet18", preset="sat", epochs=20,
-               options={"steps": 5, "norm": "L2", "eps": 0.5, "alpha": 0.125}),
+               options={"steps": 5, "norm": "L2", "eps": 0.5, "alpha": 0.125, "bn_mode": "eval"}),
     "student": dict(model="cifar_resnet18", epochs=40, options={}),
     "train": dict(batch_size=256, lr=0.2, warmup_epochs=1.0, schedule="cosine", milestones=[]),
     "val_size": 1000, "train_size": None, "eval_n": None,
 }
 TINY = {
     "nat": dict(model="cifar_resnet8", preset="natural", epochs=4, options={}),
-    "adv": dict(model="cifar_resnet8", preset="sat", epochs=2, options={"steps": 3}),
+    "adv": dict(model="cifar_resnet8", preset="sat", epochs=2, options={"steps": 3, "bn_mode": "eval"}),
     "l2": dict(model="cifar_resnet8", preset="sat", epochs=2,
-               options={"steps": 3, "norm": "L2", "eps": 0.5, "alpha": 0.25}),
+               options={"steps": 3, "norm": "L2", "eps": 0.5, "alpha": 0.25, "bn_mode": "eval"}),
     "student": dict(model="cifar_resnet8", epochs=3, options={"steps": 3}),
     "train": dict(batch_size=32, lr=0.05, schedule="cosine", milestones=[]),
     "val_size": 200, "train_size": 1200, "eval_n": 200,
     "budget": {"shares": {"nat": 0.2, "adv": 0.3, "student": 0.5}, "eval_reserve_s": 20, "autoattack_n": 40,
                "exit_margin_s": 2},
 }
+# The SAT teachers attack the eval-mode student (bn_mode "eval"), as every recorded run did; the preset's default
+# is Madry's train mode.
 # SPEEDRUN: the one-command reference on one H100 (`--budget 540`); epochs come from the budget (at most these).
 # Batch 256 / lr 0.2 for the attack stages (run B in benchmarks/RESULTS.md: more steps beat the ~10% more img/s
 # of batch 512); batch 512 / lr 0.4 for the natural teacher, whose step is launch-bound (2x img/s at 512).
@@ -72,9 +74,9 @@ TINY = {
 SPEEDRUN = {
     "nat": dict(model="cifar_resnet18", preset="natural", epochs=60, options={},
                 train=dict(batch_size=512, lr=0.4)),
-    "adv": dict(model="cifar_resnet18", preset="sat", epochs=80, options={"steps": 5}),
+    "adv": dict(model="cifar_resnet18", preset="sat", epochs=80, options={"steps": 5, "bn_mode": "eval"}),
     "l2": dict(model="cifar_resnet18", preset="sat", epochs=80,
-               options={"steps": 5, "norm": "L2", "eps": 0.5, "alpha": 0.125}),
+               options={"steps": 5, "norm": "L2", "eps": 0.5, "alpha": 0.125, "bn_mode": "eval"}),
     "student": dict(model="cifar_resnet18", epochs=120,
                     options={"steps": 5, "reduction": "batchmean", "start": "uniform"}),
     "train": dict(batch_size=256, lr=0.2, warmup_epochs=1.0, schedule="cosine", milestones=[], weight_decay=5e-4,

@@ -23,8 +23,8 @@ _EXPORTS = {
     "TrainConfig": "config",
     "TensorLoader": "data", "load_cifar": "data", "split_validation": "data",
     "Dataset": "datasets",
-    "AutoAttack": "evaluate", "Square": "evaluate", "Transfer": "evaluate", "evaluate": "evaluate",
-    "standard_attacks": "evaluate",
+    "AutoAttack": "evaluation", "Square": "evaluation", "Transfer": "evaluation", "evaluate": "evaluation",
+    "standard_attacks": "evaluation",
     "CrossEntropy": "losses", "FeatureHint": "losses", "KLDistill": "losses", "kl_divergence": "losses",
     "STUDENT": "recipe", "Branch": "recipe", "Recipe": "recipe", "StepOutput": "recipe",
     "ATTACKS": "registry", "DATASETS": "registry", "PRESETS": "registry", "WEIGHTERS": "registry",
@@ -36,8 +36,9 @@ _EXPORTS = {
     "ANL": "weighting", "DWA": "weighting", "Fixed": "weighting", "RandomLossWeighting": "weighting",
     "StepContext": "weighting", "UncertaintyWeighting": "weighting", "Weighter": "weighting",
 }
-_SUBMODULES = {"models", "presets", "fast", "runtime", "transforms", "engine", "methods", "features", "registry",
-               "weighting", "losses", "recipe", "teachers", "evaluate", "data", "datasets", "config", "build"}
+_SUBMODULES = {"balance", "budget", "build", "checkpoint", "cli", "config", "data", "datasets", "distributed",
+               "engine", "evaluation", "fast", "features", "losses", "methods", "models", "pipeline", "plots",
+               "presets", "recipe", "registry", "runtime", "teachers", "trainer", "transforms", "weighting"}
 
 __all__ = sorted([*_EXPORTS, "models", "presets"])
 

@@ -16,6 +16,7 @@ from .datasets import load_dataset
 from .distributed import DistContext
 from .presets import get_preset
 from .recipe import Recipe
+from .registry import DATASETS
 from .runtime import resolve_device, seed_everything
 from .teachers import Teacher, create_model
 from .trainer import Trainer
@@ -31,8 +32,8 @@ class Splits:
 
 def load_splits(cfg: DataConfig, synthetic_data: bool = False) -> Splits:
     """Train / validation / test arrays as the config says (``synthetic_data``: toy images for smoke runs)."""
-    if synthetic_data:
-        n_classes = 10
+    if synthetic_data:  # toy images in the dataset's class count (labels 0-9), for smoke runs
+        n_classes = DATASETS.get_entry(cfg.dataset).meta.get("num_classes", 10)
         train, test = synthetic(max(cfg.train_size or 2048, cfg.val_size + 64)), synthetic(512, seed=1)
     else:
         ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.root, cfg.download)

@@ -113,7 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .build import eval_tensors, load_splits
     from .config import DataConfig, EvalConfig, ModelConfig
-    from .evaluate import AutoAttack, black_box_attacks, evaluate, slow_subsets, standard_attacks
+    from .evaluation import AutoAttack, black_box_attacks, evaluate, slow_subsets, standard_attacks
     from .runtime import resolve_device
     from .teachers import load_model
 
@@ -161,22 +161,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
+    """One line per preset: name, teacher roles, official schedule, description (never wrapped, so the list
+    reads and greps as one line each)."""
     from .presets import PRESETS
 
-    t = Table(title="multiteach presets")
-    for col in ("preset", "teachers", "official schedule", "description"):
-        t.add_column(col)
-    for name, info in PRESETS.items():
-        sched = info.schedule
-        t.add_row(name, ", ".join(info.teachers) or "-",
-                  f"{sched.get('epochs', '?')} ep, decay at {list(sched.get('milestones', []))}", info.description)
-    Console().print(t)
+    def schedule(s: dict[str, Any]) -> str:
+        return f"{s.get('epochs', '?')} ep, x0.1 at {','.join(map(str, s.get('milestones', ()))) or '-'}"
+
+    rows = [(name, ",".join(info.teachers) or "-", schedule(info.schedule), info.description)
+            for name, info in sorted(PRESETS.items())]
+    widths = [max(len(r[i]) for r in rows + [("preset", "teachers", "schedule", "")]) for i in range(3)]
+    for r in [("preset", "teachers", "schedule", "description"), *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(r[:3], widths)) + "  " + r[3])
     return 0
 
 
-DEFAULT_TEACHERS = {"adv": "cifar_wrn34_10", "nat": "cifar_resnet56", "l2": "cifar_resnet18"}
+DEFAULT_TEACHERS = {"adv": "cifar_wrn34_10", "nat": "cifar_resnet56", "l2": "cifar_resnet18", "peer": "cifar_resnet18",
+                    "t1": "cifar_wrn16_4", "t2": "cifar_resnet56", "t3": "cifar_mobilenetv2"}
+FRESH_ROLES = {"peer"}  # teachers trained from scratch alongside the student (an online peer): no checkpoint
 
 
 def preset_config(preset: str) -> dict[str, Any]:
@@ -187,10 +189,10 @@ def preset_config(preset: str) -> dict[str, Any]:
     info = get_preset(preset)
     base = ExperimentConfig(preset="natural").model_dump(mode="json")
     base.update(preset=preset, run_dir=f"runs/{preset}")
-    base["train"].update(epochs=info.schedule.get("epochs", 100),
-                         milestones=list(info.schedule.get("milestones", [])))
+    base["train"].update({k: list(v) if isinstance(v, tuple) else v for k, v in info.schedule.items()})
     base["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in info.options().items() if v is not None}
-    base["teachers"] = {r: {"model": DEFAULT_TEACHERS[r], "checkpoint": f"runs/{r}_teacher/best.pt"}
+    base["teachers"] = {r: {"model": DEFAULT_TEACHERS.get(r, "cifar_resnet18"),
+                            "checkpoint": None if r in FRESH_ROLES else f"runs/{r}_teacher/best.pt"}
                         for r in info.teachers}
     return base
 

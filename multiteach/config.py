@@ -152,6 +152,25 @@ class ExperimentConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     run_dir: str = Field("runs/mtard", min_length=1, description="where checkpoints and logs go")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _official_schedule(cls, data: Any) -> Any:
+        """``train.epochs`` and ``train.milestones`` left unset take the preset's official schedule, the same
+        from the Python API, a config file and the CLI."""
+        from .registry import PRESETS
+
+        if not isinstance(data, dict) or data.get("preset", "mtard") not in PRESETS:
+            return data  # the field validators report what is wrong
+        schedule = {k: list(v) if isinstance(v, tuple) else v
+                    for k, v in PRESETS[data.get("preset", "mtard")].schedule.items()}
+        train = data.get("train", {})
+        if isinstance(train, TrainConfig):
+            missing = {k: v for k, v in schedule.items() if k not in train.model_fields_set}
+            train = TrainConfig.model_validate({**train.model_dump(exclude_unset=True), **missing})
+        elif isinstance(train, dict):
+            train = {**schedule, **train}
+        return {**data, "train": train}
+
     @field_validator("preset")
     @classmethod
     def _known(cls, v: str) -> str:

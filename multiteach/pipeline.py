@@ -17,7 +17,7 @@ from rich.console import Console
 from .build import Splits, build_trainer, eval_tensors
 from .config import ExperimentConfig
 from .distributed import DistContext
-from .evaluate import Report, evaluate
+from .evaluation import Report, evaluate
 
 DONE = "done.json"
 
@@ -75,11 +75,13 @@ def evaluate_checkpoint(model_name: str, checkpoint: str | Path, splits: Splits,
 
 
 def stage_config(preset: str, model: str, data: Any, run_dir: str | Path, *, options: dict | None = None,
-                 teachers: dict[str, tuple[str, str | Path]] | None = None, **train: Any) -> ExperimentConfig:
-    """An ``ExperimentConfig`` for one stage: ``teachers`` maps a role to (timm name, checkpoint)."""
+                 teachers: dict[str, tuple[str, str | Path | None]] | None = None, **train: Any) -> ExperimentConfig:
+    """An ``ExperimentConfig`` for one stage: ``teachers`` maps a role to (timm name, checkpoint or None: a
+    fresh network, e.g. an online peer). Epochs and milestones not given are the preset's official ones."""
     return ExperimentConfig(
         preset=preset, options=options or {}, student={"model": model}, data=data, train=train,
-        teachers={role: {"model": m, "checkpoint": str(c)} for role, (m, c) in (teachers or {}).items()},
+        teachers={role: {"model": m, "checkpoint": None if c is None else str(c)}
+                  for role, (m, c) in (teachers or {}).items()},
         run_dir=str(run_dir),
     )
 

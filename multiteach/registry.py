@@ -179,7 +179,7 @@ def _pydantic_summary(e: Any) -> str:
 # The registries. Each is filled by the module named, imported on first lookup.
 PRESETS: Registry = Registry("preset", populate=("multiteach.methods",))
 WEIGHTERS: Registry = Registry("weighter", populate=("multiteach.weighting", "multiteach.methods"))
-ATTACKS: Registry = Registry("attack", populate=("multiteach.evaluate", "multiteach.methods"))
+ATTACKS: Registry = Registry("attack", populate=("multiteach.evaluation", "multiteach.methods"))
 DATASETS: Registry = Registry("dataset", populate=("multiteach.datasets",))
 
 __all__ = ["ATTACKS", "DATASETS", "PRESETS", "WEIGHTERS", "Entry", "Registry", "Spec", "call_checked", "parse_spec"]

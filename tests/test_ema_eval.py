@@ -12,7 +12,7 @@ import multiteach as mt
 import multiteach.engine.validator as mt_validator
 import multiteach.trainer as mt_trainer
 from multiteach.data import TensorLoader, synthetic
-from multiteach.evaluate import TimedEvaluation, correct_mask
+from multiteach.evaluation import TimedEvaluation, correct_mask
 from multiteach.presets import PRESETS
 from tests.conftest import SignalAtStep, tiny_net
 
@@ -293,7 +293,7 @@ def test_timed_rows_that_would_not_fit_are_skipped_and_required_rows_run(net_and
 
 
 def test_a_predicted_overrun_via_attack_cost_skips_the_row(net_and_data, monkeypatch):
-    ev = importlib.import_module("multiteach.evaluate")  # the package's `evaluate` attribute is the function
+    ev = importlib.import_module("multiteach.evaluation")  # the package's `evaluate` attribute is the function
 
     net, x, y = net_and_data
     te = TimedEvaluation(x, y, left=lambda: 60.0, batch_size=64, margin_s=5.0)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from multiteach.data import TensorLoader, synthetic
-from multiteach.evaluate import AutoAttack, Transfer, correct_mask, eps_sweep, evaluate, standard_attacks
+from multiteach.evaluation import AutoAttack, Transfer, correct_mask, eps_sweep, evaluate, standard_attacks
 from multiteach.transforms import FGSM, PGD
 from tests.conftest import tiny_net
 

@@ -19,6 +19,7 @@ def load(name: str):
 
 
 REFERENCE = Path(__file__).parents[1] / "benchmarks" / "reference.sh"
+TABLE2_PRESETS = ["natural", "rslad"]  # one without a teacher, one distilling from the cached adversarial teacher
 
 
 def run_reference(out: Path, run_dir: Path, data: Path, budget: int, *extra: str) -> subprocess.CompletedProcess:
@@ -69,6 +70,17 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
                if line]
     last = [m for m in metrics if m["type"] == "step"][-1]
     assert len(last["w"]) == 3 and abs(sum(last["w"]) - 1) < 1e-5
+
+    # benchmarks/table2.py on any subset of presets, from the same cached teachers (none retrained)
+    spec = importlib.util.spec_from_file_location("table2", Path(__file__).parents[1] / "benchmarks" / "table2.py")
+    table2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table2)
+    results = table2.main([*common, "--run-dir", str(tmp_path / "t2"), "--epochs", "1", "--eval-n", "50",
+                           "--presets", *TABLE2_PRESETS])
+    assert list(results) == TABLE2_PRESETS
+    assert all(r["n"] == 50 and {x["attack"] for x in r["rows"]} >= {"fgsm", "pgd_sat"} for r in results.values())
+    assert json.loads((tmp_path / "t2" / "table2.json").read_text())["results"].keys() == set(TABLE2_PRESETS)
+    assert {e: (e / "done.json").stat().st_mtime_ns for e in entries} == stamps
 
 
 def test_reference_wrapper_out_of_time_still_ends_with_an_evaluated_student(cifar_slice, tmp_path):

@@ -159,15 +159,15 @@ def test_sigterm_during_validation_then_resume_equals_an_uninterrupted_run(tmp_p
     ref = _mtard_trainer(tmp_path / "ref")
     ref.fit()
     cut = _mtard_trainer(tmp_path / "cut")
-    evaluate = cut.evaluate
+    evaluate = cut.validator.evaluate
 
-    def evaluate_then_sigterm(model=None):
+    def evaluate_then_sigterm(model):
         out = evaluate(model)
         if cut.epoch == 1:
             signal.raise_signal(signal.SIGTERM)  # arrives while epoch 1 is being validated
         return out
 
-    cut.evaluate = evaluate_then_sigterm
+    cut.validator.evaluate = evaluate_then_sigterm
     res = cut.fit()
     assert res.status.startswith("interrupted") and res.epoch == 1
     resumed = _mtard_trainer(tmp_path / "cut")
@@ -519,7 +519,7 @@ import importlib
 import sys
 from multiteach import cli
 
-ev = importlib.import_module("multiteach.evaluate")  # the module (the package's attribute is the function)
+ev = importlib.import_module("multiteach.evaluation")  # the module (the package's attribute is the function)
 
 real = ev.evaluate
 

@@ -146,7 +146,7 @@ def test_the_multiteach_blocks_run(tmp_path, data_dir, monkeypatch):
         def __call__(self, model, x, y):
             return self.fgsm(model, x, y)
 
-    monkeypatch.setattr(importlib.import_module("multiteach.evaluate"), "AutoAttack", QuickAutoAttack)
+    monkeypatch.setattr(importlib.import_module("multiteach.evaluation"), "AutoAttack", QuickAutoAttack)
     summary, chain = blocks_of("multiteach")
     first, second = tmp_path / "chain", tmp_path / "summary"
     for cwd in (first, second):

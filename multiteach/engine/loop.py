@@ -87,8 +87,6 @@ class Trainer:
         self.optimizer = student_optimizer(self.cfg, student_params, self.extra_params, self.device)
         self.teacher_optimizers = [teacher_optimizer(t.optimizer, t.parameters(), self.device)
                                    for t in recipe.trainable_teachers]
-        self._lr_groups = [(self.optimizer, self.cfg.lr)] + [
-            (opt, t.optimizer.get("lr", 0.1)) for opt, t in zip(self.teacher_optimizers, recipe.trainable_teachers)]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.steps_per_epoch = min(len(self.loader), self.cfg.steps_per_epoch or len(self.loader))
         if self.steps_per_epoch < 1:
@@ -275,7 +273,7 @@ class Trainer:
             for i, (x, y) in enumerate(self.loader, start=start):
                 if i >= self.steps_per_epoch:
                     break
-                self._last = self._step(x, y) or self._last
+                self._last = self._step(x, y, self.epoch + i / self.steps_per_epoch) or self._last
                 self._seen += len(y) * self.dist.world
                 progress.update(task, advance=1)
                 if self._last is not None and self.global_step % self.cfg.log_every == 0:
@@ -350,11 +348,14 @@ class Trainer:
         if self.is_main:
             self.console.log(f"time budget {self.cfg.time_budget_s:.0f} s: {epochs} epochs ({why})")
 
-    def _step(self, x: Tensor, y: Tensor) -> dict[str, Any] | None:
+    def _step(self, x: Tensor, y: Tensor, progress: float) -> dict[str, Any] | None:
+        """One optimisation step at ``progress`` (fractional epochs, from the epoch and the step within it: a
+        forced resume over another data size keeps the schedule on its epochs)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        factor = self.cfg.lr_factor(self.global_step / self.steps_per_epoch)
-        set_lr(self._lr_groups, factor)
+        factor = self.cfg.lr_factor(progress)
+        set_lr([(self.optimizer, self.cfg.lr)] + [(opt, t.optimizer.get("lr", 0.1)) for opt, t in
+                                                 zip(self.teacher_optimizers, self.recipe.trainable_teachers)], factor)
         self.recipe.on_lr(factor)
         with autocast(self.precision, self.device):
             out = self.recipe(x, y, model=self.train_model)
@@ -364,14 +365,15 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         self.scaler.scale(out.total).backward()
         self.dist.sync_grads(self.extra_params + [p for t in self.recipe.trainable_teachers for p in t.parameters()])
-        for opt in optimizers:
-            self.scaler.step(opt)
+        for opt in optimizers:  # an optimizer none of whose parameters got a gradient (a teacher whose own
+            if any(p.grad is not None for g in opt.param_groups for p in g["params"]):  # loss is off) is skipped
+                self.scaler.step(opt)
         self.scaler.update()
         self.global_step += 1
         if self.ema is not None:
             self.ema.update(self.recipe.student, step=self.global_step)
         if self.planner is not None:
-            planned = self.planner.on_step(self.global_step / self.steps_per_epoch)
+            planned = self.planner.on_step(progress + 1 / self.steps_per_epoch)
             if planned is not None:
                 self._set_epochs(planned, f"{self.planner.step_s * 1e3:.1f} ms/step measured")
         lr = self.cfg.lr * factor

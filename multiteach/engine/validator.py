@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import DistContext
-from ..evaluate import clean_and_pgd
+from ..evaluation import clean_and_pgd
 
 
 class Validator:

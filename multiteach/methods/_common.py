@@ -48,6 +48,14 @@ def weighter_for(spec: WeighterSpec, n: int, default: str, **official: Any) -> W
     return make_weighter(spec, n, **(official if name == default else {}))
 
 
+def kl_scale_for(kl_scale: float | None, num_classes: int) -> float:
+    """The KL's factor: as given, else the official scripts' (x10 in their CIFAR-100 scripts: MTARD, B-MTARD,
+    RSLAD, and the ablations built on them; x1 otherwise)."""
+    if kl_scale is not None:
+        return kl_scale
+    return 10.0 if num_classes == 100 else 1.0
+
+
 def check_unused(spec: WeighterSpec, default: str, **options: tuple[Any, Any]) -> None:
     """Refuse options of the default weighter (``name=(value, default)``) set beside another weighter, which
     would ignore them."""
@@ -64,5 +72,5 @@ def _plain(v: Any) -> Any:
     return [float(x) for x in v] if isinstance(v, list | tuple) else v
 
 
-__all__ = ["ModelLike", "WeighterSpec", "as_student", "as_teacher", "check_unused", "register", "training_pgd",
-           "weighter_for"]
+__all__ = ["ModelLike", "WeighterSpec", "as_student", "as_teacher", "check_unused", "kl_scale_for", "register",
+           "training_pgd", "weighter_for"]

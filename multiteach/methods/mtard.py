@@ -17,6 +17,7 @@ from ._common import (
     as_student,
     as_teacher,
     check_unused,
+    kl_scale_for,
     register,
     training_pgd,
     weighter_for,
@@ -26,11 +27,12 @@ MTARD_SCHEDULE = {"epochs": 300, "milestones": (215, 260, 285)}
 
 
 def _two_teacher_branches(adv: ModelLike, nat: ModelLike, eps: float, alpha: float, steps: int,
-                          temperature: float, reduction: Reduction, start: str = "normal") -> list[Branch]:
+                          temperature: float, reduction: Reduction, start: str = "normal",
+                          scale: float = 1.0) -> list[Branch]:
     return [
-        Branch(training_pgd(eps, alpha, steps, start=start), KLDistill(temperature, reduction), teacher=adv,
+        Branch(training_pgd(eps, alpha, steps, start=start), KLDistill(temperature, reduction, scale), teacher=adv,
                name="adv"),
-        Branch(Clean(), KLDistill(temperature, reduction), teacher=nat, name="nat"),
+        Branch(Clean(), KLDistill(temperature, reduction, scale), teacher=nat, name="nat"),
     ]
 
 
@@ -40,18 +42,20 @@ def mtard(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None =
           nat_teacher: ModelLike | None = None, *, num_classes: int = 10, eps: float = 8 / 255,
           alpha: float = 2 / 255, steps: int = 10, temperature: float = 1.0, reduction: Reduction = "mean",
           beta: float = 1.0, rw: float = 0.025, w0: Sequence[float] = (0.5, 0.5), weighter: WeighterSpec = "anl",
-          start: str = "normal") -> Recipe:
+          start: str = "normal", kl_scale: float | None = None) -> Recipe:
     """MTARD (zhaoshiji123/MTARD): the adversarial teacher reads PGD-10 examples crafted against the student
     (eval mode, step 2/255, start x + 0.001*N(0,1), CE); the natural teacher reads clean images; KL at T = 1
     averaged over batch x classes (``reduction="batchmean"``: per sample, C times larger, the scale of a CE
-    term); ANL with beta = 1, r_w = 0.025, w0 = 1/2, r_w decayed with the LR.
+    term), times 10 with 100 classes as its CIFAR-100 script (``kl_scale``); ANL with beta = 1, r_w = 0.025,
+    w0 = 1/2, r_w decayed with the LR.
     ``weighter`` swaps ANL for any registered weighter with its options (``{"name": "dwa", "temperature": 2}``)
     on the same two branches; ``start="uniform"`` starts the attack anywhere in the eps-ball, as SAT trains
     its teacher."""
     check_unused(weighter, "anl", beta=(beta, 1.0), rw=(rw, 0.025), w0=(w0, (0.5, 0.5)))
     adv = as_teacher(adv_teacher, num_classes, "adv")
     nat = as_teacher(nat_teacher, num_classes, "nat")
-    branches = _two_teacher_branches(adv, nat, eps, alpha, steps, temperature, reduction, start)
+    branches = _two_teacher_branches(adv, nat, eps, alpha, steps, temperature, reduction, start,
+                                     kl_scale_for(kl_scale, num_classes))
     w = weighter_for(weighter, 2, "anl", beta=beta, rw=rw, w0=list(w0))
     return Recipe(as_student(student, num_classes), branches, w, name="mtard")
 
@@ -61,11 +65,12 @@ def mtard(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None =
 def bmtard(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None = None,
            nat_teacher: ModelLike | None = None, *, num_classes: int = 10, eps: float = 8 / 255,
            alpha: float = 2 / 255, steps: int = 10, beta: float = 1.0, rw: float = 0.025,
-           temperature_lr: float = 0.001, t_max: float = 10.0, weighter: WeighterSpec = "anl") -> Recipe:
+           temperature_lr: float = 0.001, t_max: float = 10.0, weighter: WeighterSpec = "anl",
+           kl_scale: float | None = None) -> Recipe:
     """MTARD's two branches with per-teacher temperatures (start 1, in [1, 10], moved by 0.001 x sign of the
     entropy ratio each batch, decayed with the LR; zhaoshiji123/MTARD-extension) and the same ANL."""
     recipe = mtard(student, adv_teacher, nat_teacher, num_classes=num_classes, eps=eps, alpha=alpha,
-                   steps=steps, beta=beta, rw=rw, weighter=weighter)
+                   steps=steps, beta=beta, rw=rw, weighter=weighter, kl_scale=kl_scale)
     recipe.balance = EntropyBalance(2, lr=temperature_lr, t_min=1.0, t_max=t_max)
     recipe.name = "bmtard"
     return recipe
@@ -75,10 +80,11 @@ def bmtard(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None 
           **MTARD_SCHEDULE)
 def baseline(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None = None, *,
              num_classes: int = 10, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
-             reduction: Reduction = "mean", start: str = "normal") -> Recipe:
-    """KL(T_adv(x_adv) || S(x_adv)), MTARD's adversarial branch with weight 1."""
+             reduction: Reduction = "mean", start: str = "normal", kl_scale: float | None = None) -> Recipe:
+    """KL(T_adv(x_adv) || S(x_adv)), MTARD's adversarial branch with weight 1 (x10 with 100 classes)."""
     adv = as_teacher(adv_teacher, num_classes, "adv")
-    branch = Branch(training_pgd(eps, alpha, steps, start=start), KLDistill(1.0, reduction), teacher=adv, name="adv")
+    kd = KLDistill(1.0, reduction, kl_scale_for(kl_scale, num_classes))
+    branch = Branch(training_pgd(eps, alpha, steps, start=start), kd, teacher=adv, name="adv")
     return Recipe(as_student(student, num_classes), [branch], name="baseline")
 
 
@@ -87,11 +93,12 @@ def baseline(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | Non
 def baseline_mt(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None = None,
                 nat_teacher: ModelLike | None = None, *, num_classes: int = 10, eps: float = 8 / 255,
                 alpha: float = 2 / 255, steps: int = 10, reduction: Reduction = "mean",
-                start: str = "normal", weighter: WeighterSpec = "fixed") -> Recipe:
+                start: str = "normal", weighter: WeighterSpec = "fixed", kl_scale: float | None = None) -> Recipe:
     """MTARD's two branches with constant weights 1/2, 1/2 (no ANL)."""
     adv = as_teacher(adv_teacher, num_classes, "adv")
     nat = as_teacher(nat_teacher, num_classes, "nat")
-    branches = _two_teacher_branches(adv, nat, eps, alpha, steps, 1.0, reduction, start)
+    branches = _two_teacher_branches(adv, nat, eps, alpha, steps, 1.0, reduction, start,
+                                     kl_scale_for(kl_scale, num_classes))
     return Recipe(as_student(student, num_classes), branches, weighter_for(weighter, 2, "fixed", weights=[0.5, 0.5]),
                   name="baseline_mt")
 
@@ -106,16 +113,17 @@ def mtard3(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None 
            nat_teacher: ModelLike | None = None, l2_teacher: ModelLike | None = None, *, num_classes: int = 10,
            eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, l2_eps: float = 0.5,
            l2_alpha: float = 0.1, beta: float = 1.0, rw: float = 0.025, weighter: WeighterSpec = "anl",
-           reduction: Reduction = "mean") -> Recipe:
+           reduction: Reduction = "mean", kl_scale: float | None = None) -> Recipe:
     """MTARD's two branches plus KL(T_l2(x_l2) || S(x_l2)), x_l2 an L2 PGD example (eps 0.5, step 0.1) against
     the student: robustness to a second threat model from a teacher trained for it; ANL(3) balances them."""
     check_unused(weighter, "anl", beta=(beta, 1.0), rw=(rw, 0.025))
     adv = as_teacher(adv_teacher, num_classes, "adv")
     nat = as_teacher(nat_teacher, num_classes, "nat")
     l2 = as_teacher(l2_teacher, num_classes, "l2")
-    branches = _two_teacher_branches(adv, nat, eps, alpha, steps, 1.0, reduction)
-    branches.append(Branch(training_pgd(l2_eps, l2_alpha, steps, norm="L2"), KLDistill(1.0, reduction), teacher=l2,
-                           name="l2"))
+    scale = kl_scale_for(kl_scale, num_classes)
+    branches = _two_teacher_branches(adv, nat, eps, alpha, steps, 1.0, reduction, scale=scale)
+    branches.append(Branch(training_pgd(l2_eps, l2_alpha, steps, norm="L2"), KLDistill(1.0, reduction, scale),
+                           teacher=l2, name="l2"))
     return Recipe(as_student(student, num_classes), branches, weighter_for(weighter, 3, "anl", beta=beta, rw=rw),
                   name="mtard3")
 
