@@ -113,7 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .build import eval_tensors, load_splits
     from .config import DataConfig, EvalConfig, ModelConfig
-    from .evaluation import AutoAttack, black_box_attacks, evaluate, slow_subsets, standard_attacks
+    from .evaluation import AutoAttack, attacks_by_name, black_box_attacks, evaluate, slow_subsets
     from .runtime import resolve_device
     from .teachers import load_model
 
@@ -131,11 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)  # a device this machine lacks is refused before any work
     splits = load_splits(data, synthetic_data=args.synthetic)
     net = load_model(model_name, args.checkpoint, splits.num_classes).to(device)
-    known = standard_attacks(ecfg.eps)
-    unknown = [a for a in ecfg.attacks if a not in known]
-    if unknown:
-        raise UsageError(f"unknown attack(s) {', '.join(unknown)}: choose from {', '.join(known)}")
-    attacks: dict[str, Any] = {a: known[a] for a in ecfg.attacks}
+    attacks: dict[str, Any] = attacks_by_name(ecfg.attacks, ecfg.eps)  # any registered attack, by name
     if args.autoattack:
         attacks["autoattack"] = AutoAttack(ecfg.eps)
     if args.black_box:
@@ -230,6 +226,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="multiteach", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (it registers presets, weighters, attacks or datasets of your own); "
+                        "repeatable; the current folder is on the import path")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train from a TOML/JSON config")
@@ -307,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread: leave signals alone
         previous = _interrupt
     try:
+        _import_plugins(args.plugin)
         return args.fn(args)
     except KeyboardInterrupt:
         if args.debug:
@@ -331,6 +331,22 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not _interrupt:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _import_plugins(modules: list[str]) -> None:
+    """Import each ``--plugin`` module (from the current folder or the installed packages)."""
+    import importlib
+
+    if modules and "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except ModuleNotFoundError as e:
+            if e.name != m.split(".")[0] and e.name != m:
+                raise
+            raise UsageError(f"--plugin {m!r}: no such module (a file {m.replace('.', '/')}.py in this folder, or an "
+                             "installed package)") from None
 
 
 STOPPED = {

@@ -134,7 +134,7 @@ class EvalConfig(_Strict):
     eps: float = Field(8 / 255, ge=0, allow_inf_nan=False, description="L-inf radius of the attacks")
     n: int | None = Field(None, ge=1, description="first n test images (default: all)")
     batch_size: int = Field(256, ge=1, description="images per batch in validation and evaluation")
-    attacks: list[str] = Field(default_factory=lambda: ["fgsm", "pgd_sat", "pgd_trades", "cw_inf"],
+    attacks: list[str | dict[str, Any]] = Field(default_factory=lambda: ["fgsm", "pgd_sat", "pgd_trades", "cw_inf"],
                                description="rows of the robustness table")
     surrogate: ModelConfig | None = Field(None, description="source model of the transfer attacks")
     square_queries: int = Field(5000, ge=1, description="query budget of the Square attack")

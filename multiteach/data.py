@@ -1,12 +1,16 @@
-"""CIFAR data: torchvision's download or the decoded numpy files, held on the training device.
+"""Splits and the device-resident loader.
 
-The whole split lives on the device as uint8; each batch is cropped (pad 4) and flipped there in one
-batched op, so no per-image Python runs in the loop (airbench's idea). Inputs are in [0, 1] with no
-normalization (as in the papers); a model that wants normalization should carry it as its first layer.
+A split is either :class:`Arrays` (uint8 NHWC images and labels: CIFAR, SVHN, npz files) or :class:`Files`
+(image paths and labels: an ImageFolder, decoded on the CPU when read). :class:`TensorLoader` holds a whole
+split on the device as uint8; each batch is cropped (pad 4) and flipped there in one batched op, so no
+per-image Python runs in the loop (airbench's idea). :mod:`multiteach.loaders` streams the splits that do not
+fit. Inputs are in [0, 1] with no normalization (as in the papers); a model that wants normalization should
+carry it as its first layer.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +38,90 @@ class Arrays:
         return Arrays(self.x[idx], self.y[idx])
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class Files:
+    """One split as image files (any size, decoded when read) and int64 labels: ``root / paths[i]``.
+
+    Paths are held as a numpy array of UTF-8 bytes, not a list of str, so the loader's forked workers share
+    them without copying (a list's reference counts would touch every page)."""
+
+    root: str
+    paths: np.ndarray
+    y: np.ndarray
+    classes: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, idx: np.ndarray) -> Files:
+        return Files(self.root, self.paths[idx], self.y[idx], self.classes)
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.root, self.paths[i].decode())
+
+
+Split = Arrays | Files
+
+
+def _image_files(folder: Path) -> list[str]:
+    """Image files under ``folder`` (any depth, hidden entries skipped), as sorted paths relative to it."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [os.path.relpath(os.path.join(dirpath, f), folder) for f in filenames
+                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(out)
+
+
+LAYOUT = "DIR/train/<class>/<image> and DIR/val/<class>/<image> (torchvision's ImageFolder layout)"
+
+
+def scan_image_folder(data_dir: str | os.PathLike) -> tuple[Files, Files]:
+    """(train, val) of an ImageFolder: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*``, classes sorted by name
+    (labels from train's folders), each split in a fixed shuffled order (seed 0). A missing folder, a split
+    without class folders, an empty class folder or a val class that train lacks is a one-line error naming
+    the folder and the expected layout."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"imagefolder: {str(d)!r} does not exist: expected {LAYOUT}")
+    splits = []
+    classes: list[str] = []
+    for split in ("train", "val"):
+        folder = d / split
+        if not folder.is_dir():
+            found = ", ".join(sorted(p.name for p in d.iterdir() if p.is_dir())[:5]) or "no folders"
+            raise FileNotFoundError(f"imagefolder: {str(folder)!r} not found (in {str(d)!r}: {found}): expected "
+                                    f"{LAYOUT}")
+        names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not names:
+            loose = len(_image_files(folder))
+            raise ValueError(f"imagefolder: {str(folder)!r} has no class folders"
+                             + (f" ({loose} images lie directly in it)" if loose else "")
+                             + f": expected {LAYOUT}, one folder per class")
+        if split == "train":
+            classes = names
+        else:
+            extra = [c for c in names if c not in classes]
+            if extra:
+                raise ValueError(f"imagefolder: {str(folder)!r} has class folder(s) {', '.join(extra[:5])} that "
+                                 f"{str(d / 'train')!r} lacks: val's classes must be among train's {len(classes)}")
+        paths, labels = [], []
+        for name in names:
+            files = _image_files(folder / name)
+            if not files:
+                raise ValueError(f"imagefolder: {str(folder / name)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}"
+                                 f"): expected {LAYOUT}; remove the empty folder")
+            paths += [os.path.join(name, f) for f in files]
+            labels += [classes.index(name)] * len(files)
+        split_files = Files(str(folder), np.array([p.encode() for p in paths]), np.array(labels, dtype=np.int64),
+                            tuple(classes))
+        splits.append(split_files.take(np.random.default_rng(0).permutation(len(split_files))))
+    return splits[0], splits[1]
+
+
 def _read_npz(path: Path) -> Arrays:
     """One split from ``path``, checked: uint8 images (N, H, W, 3) and N integer labels >= 0."""
     import zipfile
@@ -41,7 +129,7 @@ def _read_npz(path: Path) -> Arrays:
     try:
         with np.load(path, allow_pickle=False) as d:
             if "x" not in d or "y" not in d:
-                raise ValueError(f"{path} must hold arrays 'x' (uint8 N,32,32,3) and 'y' (labels)")
+                raise ValueError(f"{path} must hold arrays 'x' (uint8 N,H,W,3) and 'y' (labels)")
             x, y = d["x"], d["y"]
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         raise ValueError(f"{path} cannot be read as a .npz file ({e}): is it truncated? decode it again") from None
@@ -63,22 +151,24 @@ def _read_npz(path: Path) -> Arrays:
     return Arrays(x, y.astype(np.int64))
 
 
-def _shuffled_if_sorted(a: Arrays) -> Arrays:
+def _shuffled_if_sorted(a: Split) -> Split:
     """Files grouped by class get a fixed random order (seed 0), so a first-n subset is representative."""
     if len(a) > 1 and np.all(np.diff(a.y) >= 0):
         return a.take(np.random.default_rng(0).permutation(len(a)))
     return a
 
 
-def load_npz_pair(data_dir: str | os.PathLike) -> tuple[Arrays, Arrays]:
-    """(train, test) from ``data_dir/train.npz`` and ``data_dir/test.npz`` (x uint8 NHWC, y integer labels)."""
+def load_npz_pair(data_dir: str | os.PathLike, shape: str = "N,32,32,3",
+                  otherwise: str = "drop data_dir and pass --download (download = true) for torchvision's CIFAR"
+                  ) -> tuple[Arrays, Arrays]:
+    """(train, test) from ``data_dir/train.npz`` and ``data_dir/test.npz`` (x uint8 NHWC, y integer labels);
+    ``shape`` and ``otherwise`` word the error for missing files."""
     d = Path(data_dir)
     missing = [s for s in ("train.npz", "test.npz") if not (d / s).is_file()]
     if missing:
         raise FileNotFoundError(
-            f"data directory {str(d)!r} has no {' or '.join(missing)}: write them there (x uint8 N,32,32,3; "
-            "y integer labels; e.g. with numpy.savez), or drop data_dir and pass --download (download = "
-            "true) for torchvision's CIFAR"
+            f"data directory {str(d)!r} has no {' or '.join(missing)}: write them there (x uint8 {shape}; "
+            f"y integer labels; e.g. with numpy.savez), or {otherwise}"
         )
     return _shuffled_if_sorted(_read_npz(d / "train.npz")), _shuffled_if_sorted(_read_npz(d / "test.npz"))
 
@@ -104,10 +194,10 @@ def load_cifar(dataset: str = "cifar10", data_dir: str | os.PathLike | None = No
                  for s in splits)  # type: ignore[return-value]
 
 
-def split_validation(train: Arrays, val_size: int, seed: int = 0) -> tuple[Arrays, Arrays]:
+def split_validation(train: Split, val_size: int, seed: int = 0) -> tuple[Split, Split]:
     """Hold out ``val_size`` training images (stratified by class, seeded) for model selection."""
     if val_size <= 0:
-        return train, Arrays(train.x[:0], train.y[:0])
+        return train, train.take(np.arange(0))
     if val_size >= len(train):
         raise ValueError(f"val_size {val_size} leaves no training images (the split has {len(train)})")
     rng = np.random.default_rng(seed)
@@ -149,15 +239,100 @@ def crop_flip(x: Tensor, pad: int, generator: torch.Generator | None = None) -> 
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
+def resized_crop_flip(x: Tensor, generator: torch.Generator | None = None, scale: tuple[float, float] = (0.08, 1.0),
+                      ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
+    """Random resized crop (area fraction in ``scale``, aspect ratio in ``ratio``, as torchvision's
+    RandomResizedCrop) back to the input's size, and random horizontal flip, batched (N, C, H, W) float.
+
+    One bilinear ``grid_sample`` for the whole batch; a crop wider or taller than the image is clamped to it
+    (torchvision retries 10 times and then takes a centre crop instead)."""
+    n, _, h, w = x.shape
+    dev = x.device
+    u = torch.rand(5, n, device=dev, generator=generator)
+    area = scale[0] + (scale[1] - scale[0]) * u[0]
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1]
+    aspect = torch.exp(log_r)
+    fw = torch.sqrt(area * aspect * h / w).clamp(max=1.0)  # crop width / image width
+    fh = torch.sqrt(area / aspect * w / h).clamp(max=1.0)
+    cx = (u[2] * 2 - 1) * (1 - fw)  # centre in [-1 + fw, 1 - fw] (normalised coordinates)
+    cy = (u[3] * 2 - 1) * (1 - fh)
+    flip = torch.where(u[4] < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2] = fw * flip, cx
+    theta[:, 1, 1], theta[:, 1, 2] = fh, cy
+    grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def resize_arrays(a: Arrays, size: int, chunk: int = 2048) -> Arrays:
+    """Every image resized (shorter side to ``size``, antialiased bilinear) and centre-cropped to size x size."""
+    from torchvision.transforms.v2 import functional as TF
+
+    if a.x.shape[1:3] == (size, size):
+        return a
+    out = np.empty((len(a), size, size, 3), dtype=np.uint8)
+    for i in range(0, len(a), chunk):
+        t = torch.from_numpy(np.ascontiguousarray(a.x[i:i + chunk])).permute(0, 3, 1, 2)
+        t = TF.center_crop(TF.resize(t, [size], antialias=True), [size, size])
+        out[i:i + chunk] = t.permute(0, 2, 3, 1).numpy()
+    return Arrays(out, a.y)
+
+
+AUGMENTS = ("none", "crop_flip", "resized_crop")
+
+
+def augment_mode(augment: bool | str | None) -> str:
+    """``True`` -> "crop_flip" (pad-crop + flip, 32-px data), ``False``/None -> "none", or a mode by name."""
+    if augment is True:
+        return "crop_flip"
+    if augment is False or augment is None:
+        return "none"
+    if augment not in AUGMENTS:
+        raise ValueError(f"unknown augmentation {augment!r}: use one of {', '.join(AUGMENTS)}")
+    return augment
+
+
+def augment_seed(seed: int) -> int:
+    """The augmentation's seed: apart from the order's (``seed``), so the batch order never depends on it."""
+    return seed + 2**32
+
+
+def check_resume_state(state: dict, n_images: int, n_batches: int) -> None:
+    """Refuse a mid-epoch loader state that this split cannot continue (either loader's ``load_state_dict``)."""
+    perm, pos = state["perm"], int(state["pos"])
+    if perm is not None and len(perm) != n_images:
+        from .checkpoint import CheckpointError
+
+        raise CheckpointError(
+            f"the checkpoint (last.pt) was written in the middle of an epoch over {len(perm)} training images; "
+            f"this run has {n_images}: the rest of that epoch cannot be replayed. Resume with the original "
+            "data settings (data.train_size, data.val_size), or start afresh with --restart or another run_dir"
+        )
+    if perm is not None and not 0 <= pos <= n_batches:
+        from .checkpoint import CheckpointError
+
+        raise CheckpointError(
+            f"the checkpoint (last.pt) was written after batch {pos} of an epoch that now has {n_batches} "
+            "batches (was train.batch_size changed?): resume with the original batch size, or start afresh "
+            "with --restart or another run_dir"
+        )
+
+
 class TensorLoader:
     """Batches of one split held on ``device``: shuffled, augmented and sharded across ranks on the device.
 
+    The order of each epoch is a permutation drawn on the CPU from ``seed`` (the same on every device, and the
+    same as :class:`~multiteach.loaders.StreamingLoader`'s); augmentation draws from its own generator on the
+    device. ``augment``: False/"none", True/"crop_flip" (zero-pad by ``pad``, random crop, flip) or
+    "resized_crop" (random resized crop back to the stored size, flip).
     With ``world > 1`` every rank draws the same global permutation and augmentation and keeps its own
     contiguous share of each global batch, so N ranks see exactly the images one process would.
     ``state_dict`` captures the position inside an epoch, so an interrupted run resumes mid-epoch.
     """
 
-    def __init__(self, data: Arrays, batch_size: int, *, shuffle: bool = False, augment: bool = False,
+    kind = "resident"
+
+    def __init__(self, data: Arrays, batch_size: int, *, shuffle: bool = False, augment: bool | str = False,
                  drop_last: bool = False, device: str | torch.device = "cpu", seed: int = 0, rank: int = 0,
                  world: int = 1, pad: int = 4) -> None:
         if batch_size < 1:
@@ -165,11 +340,14 @@ class TensorLoader:
         self.device = torch.device(device)
         self.x = torch.from_numpy(np.ascontiguousarray(data.x)).permute(0, 3, 1, 2).contiguous().to(self.device)
         self.y = torch.from_numpy(np.asarray(data.y, dtype=np.int64)).to(self.device)
-        self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.augment = augment_mode(augment)
         self.rank, self.world, self.pad = rank, world, pad
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.order = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(augment_seed(seed))
         self._perm: Tensor | None = None
         self._pos = 0
+        self._epoch = 0  # permutations drawn so far
 
     @property
     def global_batch(self) -> int:
@@ -181,8 +359,9 @@ class TensorLoader:
 
     def _new_perm(self) -> Tensor:
         n = len(self.y)
+        self._epoch += 1
         if self.shuffle:
-            return torch.randperm(n, device=self.device, generator=self.generator)
+            return torch.randperm(n, generator=self.order).to(self.device)
         return torch.arange(n, device=self.device)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -192,12 +371,15 @@ class TensorLoader:
             g = self.global_batch
             idx = self._perm[self._pos * g:(self._pos + 1) * g]
             x = self.x[idx]
-            if self.augment:
+            if self.augment == "crop_flip":
                 x = crop_flip(x, self.pad, self.generator)
+            x = x.float().div_(255)
+            if self.augment == "resized_crop":
+                x = resized_crop_flip(x, self.generator)
             lo = min(self.rank * self.batch_size, len(idx))
             hi = min(lo + self.batch_size, len(idx))
             self._pos += 1
-            yield x[lo:hi].float().div_(255), self.y[idx[lo:hi]]
+            yield x[lo:hi], self.y[idx[lo:hi]]
         self._perm = None
 
     @property
@@ -210,34 +392,30 @@ class TensorLoader:
         self._perm, self._pos = None, 0
 
     def state_dict(self) -> dict:
-        return {"perm": None if self._perm is None else self._perm.cpu(), "pos": self._pos,
-                "generator": self.generator.get_state()}
+        return {"kind": self.kind, "perm": None if self._perm is None else self._perm.cpu(), "pos": self._pos,
+                "epoch": self._epoch, "order": self.order.get_state(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume where ``state`` was taken. A mid-epoch state holds the epoch's order over the split it was
+        """Resume where ``state`` was taken (by this loader or a :class:`~multiteach.loaders.StreamingLoader`:
+        the order and position carry over, the augmentation's draws start afresh from the seed when the state is
+        another loader's or another device's). A mid-epoch state holds the epoch's order over the split it was
         written with: a split of another size (``data.train_size`` changed under ``--force``) cannot continue
         it and is refused with :class:`~multiteach.checkpoint.CheckpointError`. Between epochs only the
-        generator is kept, and the next epoch draws its order over the split as it is now."""
-        perm, pos = state["perm"], int(state["pos"])
-        if perm is not None and len(perm) != len(self.y):
-            from .checkpoint import CheckpointError
-
-            raise CheckpointError(
-                f"the checkpoint (last.pt) was written in the middle of an epoch over {len(perm)} training images; "
-                f"this run has {len(self.y)}: the rest of that epoch cannot be replayed. Resume with the original "
-                "data settings (data.train_size, data.val_size), or start afresh with --restart or another run_dir"
-            )
-        if perm is not None and not 0 <= pos <= len(self):
-            from .checkpoint import CheckpointError
-
-            raise CheckpointError(
-                f"the checkpoint (last.pt) was written after batch {pos} of an epoch that now has {len(self)} "
-                "batches (was train.batch_size changed?): resume with the original batch size, or start afresh "
-                "with --restart or another run_dir"
-            )
+        generators are kept, and the next epoch draws its order over the split as it is now."""
+        check_resume_state(state, len(self.y), len(self))
+        perm = state["perm"]
         self._perm = None if perm is None else perm.to(self.device)
-        self._pos = pos
-        self.generator.set_state(state["generator"])
+        self._pos = int(state["pos"])
+        self._epoch = int(state.get("epoch", 0))
+        if state.get("order") is not None:
+            self.order.set_state(state["order"])
+        if state.get("kind", self.kind) == self.kind and state.get("generator") is not None:
+            try:
+                self.generator.set_state(state["generator"])
+            except RuntimeError:  # written on another device type: the augmentation restarts from the seed
+                pass
 
 
-__all__ = ["NUM_CLASSES", "Arrays", "TensorLoader", "crop_flip", "load_cifar", "split_validation", "synthetic"]
+__all__ = ["AUGMENTS", "IMAGE_EXTENSIONS", "NUM_CLASSES", "Arrays", "Files", "Split", "TensorLoader",
+           "augment_mode", "check_resume_state", "crop_flip", "load_cifar", "load_npz_pair", "resize_arrays",
+           "resized_crop_flip", "scan_image_folder", "split_validation", "synthetic"]

@@ -46,7 +46,24 @@ STANDARD = ("fgsm", "pgd_sat", "pgd_trades", "cw_inf")
 
 def standard_attacks(eps: float = 8 / 255) -> dict[str, Attack]:
     """The white-box rows of the paper's Table 2 (RSLAD/MTARD evaluation convention)."""
-    return {name: ATTACKS.build(name, eps=eps) for name in STANDARD}
+    return attacks_by_name(STANDARD, eps)
+
+
+def attacks_by_name(specs: Iterable[str | dict[str, Any]], eps: float = 8 / 255) -> dict[str, Attack]:
+    """Registered attacks (``ATTACKS``) by name or ``{name = ..., **options}``, each at radius ``eps`` where it
+    takes one; a row is named by the name (with its options, if any). An unknown name is a one-line error
+    listing the choices."""
+    import inspect
+
+    from .registry import parse_spec
+
+    out: dict[str, Attack] = {}
+    for spec in specs:
+        name, options = parse_spec(spec, "attack")
+        takes_eps = "eps" in inspect.signature(ATTACKS.get_entry(name).fn).parameters
+        key = name if not options else f"{name}({', '.join(f'{k}={v}' for k, v in options.items())})"
+        out[key] = ATTACKS.build(spec, **({"eps": eps} if takes_eps else {}))
+    return out
 
 
 def _require_autoattack() -> Any:

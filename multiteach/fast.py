@@ -166,10 +166,18 @@ class FastTeacher(Teacher):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_autocast_enabled(x.device.type):
             return self.model(x)
-        return self._replay(x) if self._replay is not None else self.fast(x)
+        # the recorded graph is a no-grad forward: an input that needs its gradient (an attack through the
+        # teacher, AdaAD) and a call inside another graph's recording run the folded copy directly
+        if self._replay is None or (x.requires_grad and torch.is_grad_enabled()) or _capturing(x):
+            return self.fast(x)
+        return self._replay(x)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, frozen, BN-folded{', CUDA graph' if self._replay is not None else ''}"
+
+
+def _capturing(x: Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class GraphedTransform(InputTransform):

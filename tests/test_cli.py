@@ -124,7 +124,7 @@ def test_eval_prints_the_table_and_refuses_bad_checkpoints(tmp_path, trained):
     evil = cli("eval", str(tmp_path / "evil.pt"), "--synthetic", "--model", "cifar_resnet8")
     assert evil.returncode == 2 and "refused (weights_only=True)" in evil.stderr
     unknown = cli("eval", str(trained / "best.pt"), "--synthetic", "--attacks", "nope")
-    assert unknown.returncode == 2 and "unknown attack(s) nope" in unknown.stderr
+    assert unknown.returncode == 2 and "unknown attack 'nope': choose one of" in unknown.stderr
 
 
 def test_plot_writes_non_empty_pngs(tmp_path, trained):

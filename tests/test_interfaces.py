@@ -360,3 +360,23 @@ def test_schedules():
     assert lr_factor(one, 10) == pytest.approx(1 / 25e4)
     steps = TrainConfig(epochs=10, schedule="piecewise", milestones=[3, 6], gamma=0.1, warmup_epochs=1)
     assert [lr_factor(steps, e) for e in (0.5, 2, 4, 7)] == pytest.approx([0.5, 1.0, 0.1, 0.01])
+
+
+def test_a_fast_teacher_keeps_the_gradient_of_an_attack_through_it():
+    """Under autocast a FastTeacher replays a no-grad graph; an input that needs its gradient (AdaAD's attack
+    through the teacher) must run the folded copy instead, or the teacher's part of the gradient is lost."""
+    from multiteach.fast import FastTeacher
+
+    teacher = mt.Teacher(tiny_net(seed=1))
+    fast = FastTeacher(teacher, None, graphs=False)
+    calls = []
+    object.__setattr__(fast, "_replay", lambda x: calls.append(x) or fast.fast(x).detach())
+    x = torch.rand(4, 3, 32, 32)
+    with torch.autocast("cpu", torch.bfloat16):
+        fast(x)
+        assert len(calls) == 1  # a plain forward replays
+        z = x.clone().requires_grad_(True)
+        fast(z).float().sum().backward()
+    assert len(calls) == 1 and z.grad is not None and z.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), teacher(x))  # fp32 (no autocast): the exact model

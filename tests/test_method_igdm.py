@@ -31,10 +31,12 @@ def kl_rows(s, t):
     return (p * (torch.log(p) - F.log_softmax(s.double(), 1))).sum(1)
 
 
-def hand_pgd(s, x, objective):
-    """The distillation codes' PGD: x + 0.001 N(0, 1), student in eval mode, sign steps, projection, clamp."""
+def hand_pgd(s, x, objective, clamp_start=False):
+    """The distillation codes' PGD: x + 0.001 N(0, 1), student in eval mode, sign steps, projection, clamp
+    (``clamp_start``: the start clamped to [0, 1] too, as the library's PGD, for batches with 0 and 1 pixels)."""
     s.eval()
     x_adv = x + 0.001 * torch.randn(x.shape)
+    x_adv = x_adv.clamp(0, 1) if clamp_start else x_adv
     for _ in range(STEPS):
         x_adv.requires_grad_()
         grad = torch.autograd.grad(objective(x_adv), [x_adv])[0]
@@ -83,9 +85,11 @@ def test_adaad_igdm_preset_by_hand(beta, gamma, epoch):
 
 def test_igdm_term_alone_has_the_gradient_of_both_student_forwards():
     """A recipe of the IGDM branch alone: its gradient is that of the hand formula (a detached S(x - d) or a
-    teacher difference with a gradient would change it)."""
+    teacher difference with a gradient would change it); x - gamma d is not clamped to [0, 1] (the batch has
+    black and white pixels, where it leaves the box)."""
     s, t = tiny_net(seed=1), tiny_net(seed=2).eval()
     x, y = batch()
+    x[:, :, 0], x[:, :, -1] = 0.0, 1.0
     student, teacher = copy.deepcopy(s), mt.Teacher(copy.deepcopy(t))
     source = Recorded(PGD(eps=EPS, alpha=ALPHA, steps=STEPS, start="normal", objective="ce"))
     branches = [Branch(source, KLDistill(1.0, "batchmean"), teacher=teacher), igdm_branch(teacher, source, gamma=2.0)]
@@ -94,7 +98,8 @@ def test_igdm_term_alone_has_the_gradient_of_both_student_forwards():
     out = recipe(x, y)
     out.total.backward()
     torch.manual_seed(3)
-    x_adv = hand_pgd(s, x, lambda xa: F.cross_entropy(s(xa), y, reduction="sum"))
+    x_adv = hand_pgd(s, x, lambda xa: F.cross_entropy(s(xa), y, reduction="sum"), clamp_start=True)
+    assert ((x - 2.0 * (x_adv - x)) < 0).any() and ((x - 2.0 * (x_adv - x)) > 1).any()
     s(x_adv)  # the adversarial branch's forward (weight 0): the BN running statistics as the recipe's
     want = igdm_term(s, t, x, x_adv, 1.0, 2.0).mean()
     want.backward()

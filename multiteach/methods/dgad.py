@@ -33,7 +33,7 @@ def swap_true_and_top(logits: Tensor, y: Tensor) -> Tensor:
     adversarial ones; they give the same logits (on a tie the swapped values are equal)."""
     true = logits.gather(1, y.view(-1, 1))
     top, top_idx = logits.scatter(1, y.view(-1, 1), float("-inf")).max(1, keepdim=True)
-    wrong = true <= top
+    wrong = true < top
     out = logits.clone()
     out.scatter_(1, y.view(-1, 1), torch.where(wrong, top, true))
     return out.scatter(1, top_idx, torch.where(wrong, true, top))

@@ -12,7 +12,8 @@ students), momentum 0.9, Nesterov, weight decay 5e-4, batch 64, 240 epochs with 
 The presets are registered with three teacher roles, ``t1``, ``t2``, ``t3`` (the papers' common setup);
 the ``*_teachers`` functions take a list of any number of teachers. The weighters are registered in
 ``WEIGHTERS`` (``ebkd``, ``ca_mkd``, ``aekd``) and weigh all the branches they are given, each a KD branch
-to one teacher: ``multi_teacher(student, teachers, weighter="ebkd")`` uses them directly.
+to one teacher: ``multi_teacher(student, [(Clean(), t) for t in teachers], weighter="ebkd")`` uses them
+directly.
 """
 
 from __future__ import annotations
