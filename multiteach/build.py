@@ -11,9 +11,10 @@ from pydantic import ConfigDict, ValidationError, validate_call
 from rich.console import Console
 
 from .config import DataConfig, ExperimentConfig
-from .data import Arrays, TensorLoader, split_validation, synthetic
+from .data import Arrays, Files, Split, resize_arrays, split_validation, synthetic
 from .datasets import load_dataset
 from .distributed import DistContext
+from .loaders import decode, eval_crop, make_loader, resolve_augment
 from .presets import get_preset
 from .recipe import Recipe
 from .registry import DATASETS
@@ -21,23 +22,40 @@ from .runtime import resolve_device, seed_everything
 from .teachers import Teacher, create_model
 from .trainer import Trainer
 
+DEFAULT_FILE_IMAGE_SIZE = 224  # image files (imagefolder) without data.image_size: the ImageNet convention
+
 
 @dataclass
 class Splits:
-    train: Arrays
-    val: Arrays
-    test: Arrays
+    """Train / validation / test splits (:class:`Arrays`, or :class:`Files` read when needed), the class count,
+    the resolution (None: arrays at their own size) and the training augmentation (it decides the evaluation
+    crop of image files: see :func:`multiteach.loaders.eval_crop`)."""
+
+    train: Split
+    val: Split
+    test: Split
     num_classes: int
+    image_size: int | None = None
+    augment: str = "crop_flip"
+    classes: tuple[str, ...] = ()
 
 
 def load_splits(cfg: DataConfig, synthetic_data: bool = False) -> Splits:
-    """Train / validation / test arrays as the config says (``synthetic_data``: toy images for smoke runs)."""
+    """Train / validation / test splits as the config says (``synthetic_data``: toy images for smoke runs).
+
+    Validation is ``cfg.val_size`` images held out of train. ``cfg.image_size`` (default: the dataset's own, 224
+    for image files) is the resolution: arrays of another size are resized here, once; files when read."""
+    entry = DATASETS.get_entry(cfg.dataset)
+    classes: tuple[str, ...] = ()
     if synthetic_data:  # toy images in the dataset's class count (labels 0-9), for smoke runs
-        n_classes = DATASETS.get_entry(cfg.dataset).meta.get("num_classes", 10)
-        train, test = synthetic(max(cfg.train_size or 2048, cfg.val_size + 64)), synthetic(512, seed=1)
+        n_classes = entry.meta.get("num_classes") or 10
+        size = cfg.image_size or entry.meta.get("image_size") or 32
+        train = synthetic(max(cfg.train_size or 2048, cfg.val_size + 64), size=size)
+        test = synthetic(512, size=size, seed=1)
+        native: int | None = size
     else:
         ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.root, cfg.download)
-        train, test, n_classes = ds.train, ds.test, ds.num_classes
+        train, test, n_classes, classes, native = ds.train, ds.test, ds.num_classes, ds.classes, ds.image_size
     for split, a in (("train", train), ("test", test)):
         if len(a) == 0:
             raise ValueError(f"the {split} split holds no images")
@@ -49,7 +67,15 @@ def load_splits(cfg: DataConfig, synthetic_data: bool = False) -> Splits:
         train = train.take(np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.train_size])
     if cfg.test_size is not None:
         test = test.take(np.arange(min(cfg.test_size, len(test))))
-    return Splits(train, val, test, n_classes)
+    size = cfg.image_size or native or (DEFAULT_FILE_IMAGE_SIZE if isinstance(train, Files) else None)
+    if size is not None:
+        train, val, test = (resize_arrays(a, size) if isinstance(a, Arrays) else a for a in (train, val, test))
+    return Splits(train, val, test, n_classes, size, resolve_augment(cfg.augment, size or _array_size(train)),
+                  classes)
+
+
+def _array_size(a: Split) -> int | None:
+    return int(min(a.x.shape[1:3])) if isinstance(a, Arrays) else None
 
 
 def build_recipe(cfg: ExperimentConfig, num_classes: int) -> Recipe:
@@ -77,22 +103,28 @@ def build_trainer(cfg: ExperimentConfig, *, dist: DistContext | None = None, con
     seed_everything(cfg.train.seed + dist.rank)
     splits = splits or load_splits(cfg.data, synthetic_data)
     recipe = build_recipe(cfg, splits.num_classes)
-    train_loader = TensorLoader(splits.train, cfg.train.batch_size, shuffle=True, augment=True, drop_last=True,
-                                device=device, seed=cfg.train.seed, rank=dist.rank, world=dist.world)
+    log = console.log if console is not None and dist.is_main else None
+    common = dict(kind=cfg.data.loader, augment=splits.augment, image_size=splits.image_size, device=device,
+                  rank=dist.rank, world=dist.world, workers=cfg.data.workers, log=log)
+    train_loader = make_loader(splits.train, cfg.train.batch_size, train=True, seed=cfg.train.seed, name="train split",
+                               **common)
     val_loader = None
     if len(splits.val):
-        val_loader = TensorLoader(splits.val, cfg.eval.batch_size, device=device, rank=dist.rank, world=dist.world)
+        val_loader = make_loader(splits.val, cfg.eval.batch_size, train=False, name="validation split", **common)
     train_cfg = cfg.train.model_copy(update={"device": str(device)})
     experiment: dict[str, Any] = {"digest": cfg.digest(), "config": cfg.model_dump(mode="json")}
     return Trainer(recipe, train_loader, train_cfg, val_loader=val_loader, run_dir=cfg.run_dir,
                    experiment=experiment, dist=dist, console=console)
 
 
-def eval_tensors(splits: Splits, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` test images as float NCHW in [0, 1] and labels."""
+def eval_tensors(splits: Splits, n: int | None = None, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` test images as float NCHW in [0, 1] and labels (image files decoded by ``workers``
+    processes at ``splits.image_size``, centre-cropped as after ``splits.augment`` training)."""
     test = splits.test if n is None else splits.test.take(np.arange(min(n, len(splits.test))))
+    if isinstance(test, Files):
+        test = decode(test, int(splits.image_size or DEFAULT_FILE_IMAGE_SIZE), eval_crop(splits.augment), workers)
     x = torch.from_numpy(test.x).permute(0, 3, 1, 2).contiguous().float().div(255)
     return x, torch.from_numpy(test.y)
 
 
-__all__ = ["Splits", "build_recipe", "build_trainer", "eval_tensors", "load_splits"]
+__all__ = ["DEFAULT_FILE_IMAGE_SIZE", "Splits", "build_recipe", "build_trainer", "eval_tensors", "load_splits"]

@@ -126,8 +126,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {str(out)!r} cannot be written: give a file path in an existing folder")
     ecfg = EvalConfig(eps=args.eps, n=args.n, batch_size=args.batch_size, attacks=args.attacks,
                       square_queries=args.queries)
+    recorded = _recorded_data(args.checkpoint)  # the resolution and augmentation the model was trained with
+    image_size = args.image_size or (recorded["image_size"] if isinstance(recorded.get("image_size"), int) else None)
+    augment = recorded.get("augment") if recorded.get("augment") in ("crop_flip", "resized_crop", "none") else "auto"
     data = DataConfig(data_dir=args.data_dir, download=args.download, root=args.root, dataset=args.dataset,
-                      val_size=0)
+                      val_size=0, image_size=image_size, augment=augment, workers=args.workers)
     device = resolve_device(args.device)  # a device this machine lacks is refused before any work
     splits = load_splits(data, synthetic_data=args.synthetic)
     net = load_model(model_name, args.checkpoint, splits.num_classes).to(device)
@@ -142,18 +145,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 raise UsageError(f"{args.surrogate} records no model name: pass --surrogate-model TIMM_NAME")
             surrogate = load_model(s_name, args.surrogate, splits.num_classes).to(device)
         attacks.update(black_box_attacks(surrogate, ecfg.eps, ecfg.square_queries))
-    x, y = eval_tensors(splits, ecfg.n)
+    x, y = eval_tensors(splits, ecfg.n, workers=args.workers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         report = evaluate(net, x, y, attacks, batch_size=ecfg.batch_size, device=device,
                           subsets=slow_subsets(args.slow_n),
                           on_row=lambda r: console.log(f"{r.attack}: robust {100 * r.robust:.2f}% ({r.seconds:.1f} s)"))
     report.meta.update(checkpoint=args.checkpoint, model=model_name, device=str(device),
-                       data=args.data_dir or "torchvision", eps=ecfg.eps)
+                       data=args.data_dir or "torchvision", dataset=args.dataset, image_size=splits.image_size,
+                       eps=ecfg.eps)
     Console().print(report.table(f"{model_name} from {args.checkpoint}"))
     report.save_json(out)
     console.log(f"wrote {out}")
     return 0
+
+
+def _recorded_data(checkpoint: str) -> dict[str, Any]:
+    """The ``data`` table of the config a multiteach training checkpoint records ({} when there is none)."""
+    from .checkpoint import load_checkpoint
+
+    node: Any = load_checkpoint(checkpoint)
+    for key in ("experiment", "config", "data"):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else {}
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -242,10 +256,16 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="the robustness table of a checkpoint on the test set")
     e.add_argument("checkpoint")
     e.add_argument("--model", help="timm name (default: the one the checkpoint records)")
-    e.add_argument("--data-dir")
+    e.add_argument("--dataset", default="cifar10",
+                   help="a registered dataset: cifar10 (default), cifar100, svhn, imagefolder (evaluated on DIR/val), "
+                        "npz, or a --plugin's")
+    e.add_argument("--data-dir", help="folder with train.npz/test.npz, or for imagefolder with train/<class>/* and "
+                                      "val/<class>/*")
     e.add_argument("--download", action="store_true")
     e.add_argument("--root", default="data")
-    e.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"])
+    e.add_argument("--image-size", type=int, help="resolution in pixels (default: the one the checkpoint was trained "
+                                                  "at, else the dataset's own; 224 for imagefolder)")
+    e.add_argument("--workers", type=int, help="processes decoding image files (default: min(8, CPUs))")
     e.add_argument("--synthetic", action="store_true", help="toy images (smoke runs)")
     e.add_argument("--n", type=int, help="first n test images (default: all)")
     e.add_argument("--eps", type=float, default=8 / 255)

@@ -85,14 +85,29 @@ class TrainConfig(_Strict):
 
 class DataConfig(_Strict):
     dataset: str = Field("cifar10", description="a registered dataset (multiteach.registry.DATASETS): cifar10, "
-                                                "cifar100, or one you register")
-    data_dir: str | None = Field(None, description="folder with train.npz/test.npz (x uint8 NHWC, y)")
+                                                "cifar100, svhn, imagefolder, npz, or one you register")
+    data_dir: str | None = Field(None, description="folder with train.npz/test.npz (x uint8 NHWC, y), or for "
+                                                   "imagefolder with train/<class>/* and val/<class>/*")
     root: str = Field("data", description="torchvision download folder when data_dir is not set")
     download: bool = False
     val_size: int = Field(1000, ge=0, description="training images held out for model selection")
     train_size: int | None = Field(None, ge=1, description="use only this many training images (quick runs)")
     test_size: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0, lt=2**32, description="seeds the validation split and the train_size subset")
+    image_size: int | None = Field(
+        None, ge=8, description="training and evaluation resolution (square, pixels): arrays of another size are "
+                                "resized once, image files when read; default: the dataset's own (32 for cifar and "
+                                "svhn, the arrays' for npz), 224 for imagefolder")
+    augment: Literal["auto", "crop_flip", "resized_crop", "none"] = Field(
+        "auto", description="training augmentation: crop_flip (zero-pad 4, random crop, flip), resized_crop (random "
+                            "resized crop and flip; evaluation then centre-crops 87.5%), none; auto: crop_flip up to "
+                            "64 px, resized_crop above")
+    loader: Literal["auto", "resident", "stream"] = Field(
+        "auto", description="resident: the whole split as uint8 on the training device; stream: DataLoader workers "
+                            "decode and augment on the CPU; auto: resident when the split fits in a quarter of the "
+                            "free GPU memory (always for arrays on the CPU), else stream")
+    workers: int | None = Field(None, ge=0, description="worker processes of the streaming loader (and of decoding "
+                                                        "image files for a resident split); default: min(8, CPUs)")
 
     @field_validator("dataset")
     @classmethod
@@ -109,7 +124,8 @@ class DataConfig(_Strict):
         if v is not None and not Path(v).is_dir():
             raise ValueError(
                 f"data_dir {v!r} does not exist: point it at a folder with train.npz and test.npz (x uint8 "
-                "N,32,32,3; y integer labels), or unset it and set download = true for torchvision's CIFAR"
+                "N,H,W,3; y integer labels) or, for imagefolder, with train/<class>/* and val/<class>/*; or unset "
+                "it and set download = true for torchvision's CIFAR or SVHN"
             )
         return v
 
