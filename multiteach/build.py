@@ -10,7 +10,7 @@ import torch
 from pydantic import ConfigDict, ValidationError, validate_call
 from rich.console import Console
 
-from .config import DataConfig, ExperimentConfig
+from .config import DataConfig, ExperimentConfig, ModelConfig
 from .data import Arrays, Files, Split, resize_arrays, split_validation, synthetic
 from .datasets import load_dataset
 from .distributed import DistContext
@@ -19,7 +19,7 @@ from .presets import get_preset
 from .recipe import Recipe
 from .registry import DATASETS
 from .runtime import resolve_device, seed_everything
-from .teachers import Teacher, create_model
+from .teachers import Teacher
 from .trainer import Trainer
 
 DEFAULT_FILE_IMAGE_SIZE = 224  # image files (imagefolder) without data.image_size: the ImageNet convention
@@ -78,15 +78,26 @@ def _array_size(a: Split) -> int | None:
     return int(min(a.x.shape[1:3])) if isinstance(a, Arrays) else None
 
 
-def build_recipe(cfg: ExperimentConfig, num_classes: int) -> Recipe:
-    """The preset named in the config, its options validated against the preset's signature."""
-    info = get_preset(cfg.preset)
-    student = create_model(cfg.student.model, num_classes=num_classes)
-    if cfg.student.checkpoint:
-        from .checkpoint import load_weights
+def build_model(cfg: ModelConfig, num_classes: int, name: str = "student", image_size: int | None = None,
+                teacher: bool = False) -> torch.nn.Module:
+    """The network a model table names (timm, torchvision or RobustBench; pretrained weights behind their
+    normalisation), with its checkpoint; one whose input size differs from ``image_size`` is refused now
+    unless it resizes."""
+    from .pretrained import from_config
 
-        load_weights(student, cfg.student.checkpoint)
-    teachers = {f"{role}_teacher": Teacher(t.model, t.checkpoint, num_classes=num_classes, name=role)
+    net = from_config(cfg, num_classes, name, teacher=teacher)
+    if image_size is not None and getattr(net, "preprocess", None) is not None:
+        net.preprocess.check(image_size)
+    return net
+
+
+def build_recipe(cfg: ExperimentConfig, num_classes: int, image_size: int | None = None) -> Recipe:
+    """The preset named in the config, its options validated against the preset's signature; ``image_size``
+    (the data's, when known) refuses a model of another input size before any step."""
+    info = get_preset(cfg.preset)
+    student = build_model(cfg.student, num_classes, "student", image_size)
+    teachers = {f"{role}_teacher": Teacher(build_model(t, num_classes, f"teacher {role!r}", image_size, teacher=True),
+                                           name=role)
                 for role, t in cfg.teachers.items()}
     fn = validate_call(info.fn, config=ConfigDict(arbitrary_types_allowed=True))
     try:
@@ -127,4 +138,5 @@ def eval_tensors(splits: Splits, n: int | None = None, workers: int | None = Non
     return x, torch.from_numpy(test.y)
 
 
-__all__ = ["DEFAULT_FILE_IMAGE_SIZE", "Splits", "build_recipe", "build_trainer", "eval_tensors", "load_splits"]
+__all__ = ["DEFAULT_FILE_IMAGE_SIZE", "Splits", "build_model", "build_recipe", "build_trainer", "eval_tensors",
+           "load_splits"]

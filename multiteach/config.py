@@ -12,7 +12,7 @@ try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 
 class _Strict(BaseModel):
@@ -131,10 +131,20 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """A network by timm name, optionally with weights from a checkpoint."""
+    """A network by timm name (or torchvision / RobustBench name, see ``source``), optionally with weights from
+    a checkpoint. It takes [0, 1] images: pretrained weights bring their normalisation and input size."""
 
     model: str
     checkpoint: str | None = None
+    source: Literal["timm", "torchvision", "robustbench"] = Field(
+        "timm", description="where the model comes from (robustbench needs the optional robustbench package)")
+    pretrained: bool = Field(False, description="timm: the model's published weights; torchvision: its DEFAULT "
+                                                "weights (downloaded on first use, then cached)")
+    weights: str | None = Field(None, description="timm: a local file of the pretrained weights; torchvision: a "
+                                                  "weights name (IMAGENET1K_V2); robustbench: [MODEL_DIR/]"
+                                                  "DATASET/THREAT_MODEL, e.g. cifar10/Linf (MODEL_DIR: models)")
+    resize: bool = Field(False, description="resize the images to the size the weights take (otherwise a size "
+                                            "mismatch is an error)")
 
     @field_validator("checkpoint")
     @classmethod
@@ -142,6 +152,30 @@ class ModelConfig(_Strict):
         if v is not None and not Path(v).is_file():
             raise ValueError(f"checkpoint {v!r} not found: check the path, or train that teacher first")
         return v
+
+    @model_validator(mode="after")
+    def _weights(self) -> ModelConfig:
+        if self.source == "timm" and self.weights is not None and not Path(self.weights).is_file():
+            raise ValueError(f"weights {self.weights!r} not found: for timm, weights is a local file of the "
+                             "pretrained weights (or unset it and set pretrained = true to download them)")
+        if self.source == "robustbench":
+            if self.weights is None or len(Path(self.weights).parts) < 2:
+                raise ValueError(f"robustbench model {self.model!r} needs weights = '[MODEL_DIR/]DATASET/"
+                                 "THREAT_MODEL', e.g. 'cifar10/Linf' (MODEL_DIR defaults to models)")
+            if self.checkpoint is not None:
+                raise ValueError(f"robustbench models read their weights from MODEL_DIR/DATASET/THREAT_MODEL/"
+                                 f"{self.model}.pt: place the file there and unset checkpoint")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: Any) -> Any:
+        """The pretrained-model fields left at their defaults are not written: configs (and their digests)
+        stay as they were before these fields existed."""
+        d = handler(self)
+        for key in ("source", "pretrained", "weights", "resize"):
+            if isinstance(d, dict) and key in d and d[key] == type(self).model_fields[key].default:
+                del d[key]
+        return d
 
 
 class EvalConfig(_Strict):

@@ -268,7 +268,7 @@ class StreamingLoader:
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "perm": None if self._perm is None else torch.from_numpy(self._perm.copy()),
-                "pos": self._pos, "epoch": self._epoch, "order": self.order.get_state()}
+                "pos": self._pos, "epoch": self._epoch, "order": self.order.get_state(), "augment_seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume where ``state`` (this loader's or a :class:`TensorLoader`'s) was taken; refused, as
@@ -281,6 +281,8 @@ class StreamingLoader:
         self._epoch = int(state.get("epoch", 0))
         if state.get("order") is not None:
             self.order.set_state(state["order"])
+        if state.get("augment_seed") is not None:
+            self.seed = int(state["augment_seed"])
 
     def close(self) -> None:
         """Stop the worker processes (they also stop when the loader is garbage-collected)."""
@@ -313,11 +315,19 @@ def split_bytes(split: Split, image_size: int | None) -> int:
     return len(split) * 3 * int(image_size or 0) ** 2
 
 
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} GiB"
+
+
 def choose_loader(split: Split, kind: str, device: torch.device, image_size: int | None = None) -> tuple[str, str]:
     """("resident" or "stream", why): ``kind`` unless "auto"; on CUDA resident when the split's uint8 size is at
     most :data:`RESIDENT_MEMORY_FRACTION` of the free memory; elsewhere resident for arrays, stream for files."""
     size = split_bytes(split, image_size)
-    what = f"{len(split):,} images, {size / 2**20:,.0f} MiB as uint8"
+    what = f"{len(split):,} images, {_human(size)} as uint8"
     if kind in ("resident", "stream"):
         return kind, f"{what}; data.loader = {kind!r}"
     if kind != "auto":
@@ -327,7 +337,7 @@ def choose_loader(split: Split, kind: str, device: torch.device, image_size: int
         budget = RESIDENT_MEMORY_FRACTION * free
         fits = size <= budget
         return ("resident" if fits else "stream"), (f"{what}, {'within' if fits else 'over'} "
-                                                    f"{RESIDENT_MEMORY_FRACTION:.0%} of {free / 2**30:,.1f} GiB free")
+                                                    f"{RESIDENT_MEMORY_FRACTION:.0%} of {_human(free)} free")
     if isinstance(split, Arrays):
         return "resident", f"{what}; arrays on the {device.type} are held whole"
     return "stream", f"{what}; image files on the {device.type} are read as needed"

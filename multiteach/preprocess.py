@@ -6,9 +6,10 @@ gets a :class:`Preprocess` in front of it, inside its wrapper, so every attack p
 weights) refuses images of another size with a one-line error naming both, unless it was asked to resize
 them (``resize=True``): never silently. The CIFAR models take [0, 1] inputs as they are and get none.
 
-``with_preprocessing(net, mean, std, input_size, resize)`` gives a module usable as student or teacher; a
-:class:`~multiteach.Teacher` takes the same settings (``Teacher(net, mean=..., std=..., input_size=...)``)
-and keeps its network as ``teacher.model``, so feature layers keep their names.
+``with_preprocessing(net, mean, std, input_size, resize)`` gives a module usable as student or teacher (a
+:class:`Preprocessed`: its layers answer to the bare network's names too); a :class:`~multiteach.Teacher`
+takes the same settings (``Teacher(net, mean=..., std=..., input_size=...)``). Being part of the module, the
+preprocessing is folded, compiled and graphed with it on the fast path.
 """
 
 from __future__ import annotations
@@ -122,6 +123,14 @@ class Preprocessed(nn.Module):
     @property
     def num_classes(self) -> Any:
         return getattr(self.net, "num_classes", None)
+
+    def get_submodule(self, target: str) -> nn.Module:
+        """Layers by the bare network's names too (``"layer3"`` as well as ``"net.layer3"``): feature branches
+        name a teacher's layers the same with or without preprocessing."""
+        try:
+            return super().get_submodule(target)
+        except AttributeError:
+            return self.net.get_submodule(target)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(self.preprocess(x))

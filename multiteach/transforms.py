@@ -209,11 +209,16 @@ class PGD(InputTransform):
             x_adv = self._init(x)
             for _ in range(self.steps):
                 x_adv.requires_grad_(True)
+                logits = model(x_adv)
+                self.observe(logits.detach(), y)
                 ref = self.through(x_adv) if self.through is not None else reference
-                loss = self.objective_value(model(x_adv), y, ref)
-                (grad,) = torch.autograd.grad(loss, [x_adv])
+                (grad,) = torch.autograd.grad(self.objective_value(logits, y, ref), [x_adv])
                 x_adv = self._project(self._step(x_adv.detach(), grad), x)
         return x_adv
+
+    def observe(self, logits: Tensor, y: Tensor) -> None:
+        """Called with the attacked model's (detached) logits at each iterate before its step: a subclass
+        that records per-sample statistics of the attack (Fair-ARD's surviving steps) overrides it."""
 
 
 @ATTACKS.register("fgsm")

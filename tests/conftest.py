@@ -24,6 +24,29 @@ def tiny_net(num_classes: int = 10, seed: int | None = None) -> torch.nn.Module:
     return CifarResNet((1, 1), (8, 16), num_classes=num_classes)
 
 
+def image_batch(seed: int = 5, n: int = 8, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch for hand-formula tests: images in [0.1, 0.9] (no clipping at the first PGD steps), labels."""
+    g = torch.Generator().manual_seed(seed)
+    return 0.1 + 0.8 * torch.rand(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def hinton_kd_rows(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-sample T^2 KL(softmax(t/T) || softmax(s/T)) summed over classes, in float64."""
+    p = torch.softmax(t.double() / temperature, 1)
+    return temperature ** 2 * (p * (torch.log(p) - torch.log_softmax(s.double() / temperature, 1))).sum(1)
+
+
+class Sharp(torch.nn.Module):
+    """A tiny net with its logits scaled by k: a teacher with confident predictions whose entropies differ."""
+
+    def __init__(self, net: torch.nn.Module, k: float) -> None:
+        super().__init__()
+        self.net, self.k = net, k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.k * self.net(x)
+
+
 class SignalAtStep:
     """Wraps a recipe's forward and raises SIGTERM in the process after its k-th step."""
 

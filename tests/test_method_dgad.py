@@ -6,25 +6,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import multiteach as mt
 from multiteach.methods.dgad import TeacherMistakeSplit, dgad, swap_true_and_top
 from multiteach.weighting import StepContext, make_weighter
-from tests.conftest import tiny_net
+from tests.conftest import Sharp, tiny_net
 
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 3  # 3 PGD steps, 16x16 images: each step is the code's, the test stays fast
-
-
-class Sharp(nn.Module):
-    """A tiny net with its logits scaled: a teacher with confident, varied predictions."""
-
-    def __init__(self, net: nn.Module, k: float) -> None:
-        super().__init__()
-        self.net, self.k = net, k
-
-    def forward(self, x):
-        return self.k * self.net(x)
 
 
 def batch(seed: int = 5):

@@ -25,20 +25,18 @@ from multiteach.models import CifarResNet, WideResNet
 from multiteach.presets import PRESETS
 from multiteach.registry import WEIGHTERS
 from multiteach.weighting import Fixed, StepContext, UncertaintyWeighting, make_weighter
-from tests.conftest import tiny_net
+from tests.conftest import hinton_kd_rows, image_batch, tiny_net
 
 T = 4.0
 
 
 def batch(seed: int = 5, n: int = 8):
-    g = torch.Generator().manual_seed(seed)
-    return 0.1 + 0.8 * torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return image_batch(seed, n)
 
 
 def kd_rows(s, t):
-    """Per-sample T^2 KL(softmax(t/T) || softmax(s/T)) summed over classes (DistillKL(is_ca=True)), float64."""
-    p = F.softmax(t.double() / T, 1)
-    return T * T * (p * (torch.log(p) - F.log_softmax(s.double() / T, 1))).sum(1)
+    """Per-sample T^2 KL at T (DistillKL(is_ca=True)), float64."""
+    return hinton_kd_rows(s, t, T)
 
 
 def ce_rows(logits, y):

@@ -32,21 +32,13 @@ class SurvivalPGD(PGD):
     survived: Tensor | None = None
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, reference: Tensor | None) -> Tensor:
-        survived = torch.zeros(len(y), dtype=torch.long, device=x.device)
-        with torch.enable_grad():
-            if self.needs_reference and reference is None:
-                with torch.no_grad():
-                    reference = model(x)
-            x_adv = self._init(x)
-            for _ in range(self.steps):
-                x_adv.requires_grad_(True)
-                logits = model(x_adv)
-                survived += logits.detach().argmax(1) == y
-                ref = self.through(x_adv) if self.through is not None else reference
-                (grad,) = torch.autograd.grad(self.objective_value(logits, y, ref), [x_adv])
-                x_adv = self._project(self._step(x_adv.detach(), grad), x)
-        self.survived = survived
+        self._count = torch.zeros(len(y), dtype=torch.long, device=x.device)
+        x_adv = super().perturb(model, x, y, reference)
+        self.survived = self._count
         return x_adv
+
+    def observe(self, logits: Tensor, y: Tensor) -> None:
+        self._count += logits.argmax(1) == y
 
 
 class ClassDifficultyWeights(Weighter):
