@@ -30,6 +30,7 @@ _EXPORTS = {
     "ATTACKS": "registry", "DATASETS": "registry", "PRESETS": "registry", "WEIGHTERS": "registry",
     "Registry": "registry",
     "Teacher": "teachers", "create_model": "teachers",
+    "Preprocess": "preprocess", "with_preprocessing": "preprocess",
     "Trainer": "engine", "TrainResult": "engine",
     "FGSM": "transforms", "PGD": "transforms", "CallableTransform": "transforms", "Clean": "transforms",
     "InputTransform": "transforms", "TorchattacksTransform": "transforms", "as_transform": "transforms",
@@ -38,7 +39,8 @@ _EXPORTS = {
 }
 _SUBMODULES = {"balance", "budget", "build", "checkpoint", "cli", "config", "data", "datasets", "distributed",
                "engine", "evaluation", "fast", "features", "losses", "methods", "models", "pipeline", "plots",
-               "presets", "recipe", "registry", "runtime", "teachers", "trainer", "transforms", "weighting"}
+               "preprocess", "presets", "pretrained", "recipe", "registry", "runtime", "teachers", "trainer",
+               "transforms", "weighting"}
 
 __all__ = sorted([*_EXPORTS, "models", "presets"])
 

@@ -90,12 +90,11 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
-    def wrap(self, model: nn.Module, sync_bn: bool = False) -> nn.Module:
-        """DDP-wrap the student (the bare module keeps serving attacks, which need no gradient sync)."""
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """DDP-wrap the student (the bare module keeps serving attacks, which need no gradient sync). SyncBatchNorm
+        is the trainer's job (one path: ``TrainConfig.sync_bn``)."""
         if not self.enabled:
             return model
-        if sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)  # BN buffers from rank 0
 

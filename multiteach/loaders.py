@@ -24,6 +24,7 @@ for the splits that do not fit. Both:
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -72,6 +73,17 @@ def eval_crop(augment: str) -> float:
     """The centre crop's share of the resized image at evaluation: 0.875 after random-resized-crop training (the
     ImageNet convention), else 1 (the whole image)."""
     return RESIZED_CROP_EVAL_CROP if augment == "resized_crop" else 1.0
+
+
+def _worker_context(workers: int) -> Any:
+    """Fork on Linux, whatever the process's default (a rank started by ``torch.multiprocessing.spawn`` would
+    spawn its workers too): a forked worker shares the split's arrays and paths with its parent, copy-on-write,
+    where a spawned one is sent a pickled copy and imports torch again. Elsewhere the platform's default."""
+    if workers == 0 or not sys.platform.startswith("linux"):
+        return None
+    import multiprocessing
+
+    return multiprocessing.get_context("fork")
 
 
 def _sample_seed(seed: int, epoch: int, slot: int) -> int:
@@ -223,13 +235,13 @@ class StreamingLoader:
         n = len(self.split)
         return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
 
-    def _dataloader(self) -> torch.utils.data.DataLoader:
+    def _dataloader(self, persistent: bool = True) -> torch.utils.data.DataLoader:
         if self._loader is None:
             w = self.workers
             self._loader = torch.utils.data.DataLoader(
                 self._reader, batch_sampler=self._batches, num_workers=w, collate_fn=_collate,
-                pin_memory=self.device.type == "cuda", persistent_workers=w > 0,
-                prefetch_factor=self.prefetch if w > 0 else None)
+                pin_memory=self.device.type == "cuda", persistent_workers=persistent and w > 0,
+                prefetch_factor=self.prefetch if w > 0 else None, multiprocessing_context=_worker_context(w))
         return self._loader
 
     def _new_perm(self) -> np.ndarray:
@@ -297,9 +309,7 @@ def decode(split: Files, image_size: int, crop: float = 1.0, workers: int | None
     """Every image of ``split`` resized (shorter side to ``image_size / crop``) and centre-cropped to
     ``image_size``, as uint8 NHWC arrays, in the split's order (read by ``workers`` processes)."""
     loader = StreamingLoader(split, batch_size, image_size=image_size, crop=crop, workers=workers)
-    loader._loader = torch.utils.data.DataLoader(  # one pass: no persistent workers left behind
-        loader._reader, batch_sampler=loader._batches, num_workers=loader.workers, collate_fn=_collate,
-        prefetch_factor=loader.prefetch if loader.workers > 0 else None)
+    loader._dataloader(persistent=False)  # one pass: no workers left behind
     out = np.empty((len(split), image_size, image_size, 3), dtype=np.uint8)
     i = 0
     for x, _ in loader.batches_uint8():

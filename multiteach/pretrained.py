@@ -55,16 +55,18 @@ def _close(name: str, choices: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------------------------------- timm
 def timm_model(name: str, pretrained: bool = False, num_classes: int | None = None, *,
                mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-               input_size: int | Sequence[int] | None = None, resize: bool = False, **kwargs: Any) -> nn.Module:
+               input_size: int | Sequence[int] | None = None, resize: bool = False, fetch: bool = True,
+               **kwargs: Any) -> nn.Module:
     """A timm model; with ``pretrained``, its published weights (or ``pretrained_cfg_overlay=dict(file=PATH)``)
     behind its ``pretrained_cfg`` normalisation and input size. ``num_classes`` None: the weights' classes (10
-    without weights); another count gives a new head. ``mean``/``std``/``input_size`` override the config's."""
+    without weights); another count gives a new head. ``mean``/``std``/``input_size`` override the config's.
+    ``fetch=False``: the pretrained preprocessing without reading the weights (a checkpoint replaces them)."""
     from .teachers import create_model
 
     if not pretrained:
         net = create_model(name, num_classes=10 if num_classes is None else num_classes, **kwargs)
         return with_preprocessing(net, mean, std, input_size, resize, name=f"model {name!r}")
-    net = create_model(name, num_classes=num_classes, pretrained=True, **kwargs)
+    net = create_model(name, num_classes=num_classes, pretrained=fetch, **kwargs)
     cfg = dict(getattr(net, "pretrained_cfg", None) or {})
     return with_preprocessing(net, mean if mean is not None else cfg.get("mean"),
                               std if std is not None else cfg.get("std"),
@@ -215,7 +217,7 @@ def from_config(cfg: Any, num_classes: int, name: str = "student", teacher: bool
     if cfg.source == "timm":
         overlay = {"pretrained_cfg_overlay": {"file": cfg.weights}} if cfg.weights else {}
         net = timm_model(cfg.model, cfg.pretrained or cfg.weights is not None, num_classes, resize=cfg.resize,
-                         **overlay)
+                         fetch=cfg.checkpoint is None, **overlay)
         if teacher and cfg.checkpoint is None and new_head(net):
             inner = getattr(net, "net", net)
             raise ValueError(f"{name} {cfg.model!r}: its pretrained weights have "

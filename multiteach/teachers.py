@@ -86,7 +86,8 @@ class Teacher(nn.Module):
             from .pretrained import new_head, timm_model
 
             name = name or model
-            model = timm_model(model, pretrained, num_classes, **preprocessing, **timm_kwargs)
+            model = timm_model(model, pretrained, num_classes, **preprocessing, fetch=checkpoint is None,
+                               **timm_kwargs)
             if pretrained and not trainable and checkpoint is None and new_head(model):
                 inner = getattr(model, "net", model)
                 raise ValueError(

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from ..losses import CrossEntropy, KLDistill
 from ..recipe import Branch, Recipe, epoch_sum
 from ..transforms import PGD, Clean
-from ..weighting import ANL, Fixed, StepContext, Weighter
-from ._common import ModelLike, as_student, as_teacher, register
+from ..weighting import Fixed, StepContext, Weighter
+from ._common import ModelLike, WeighterSpec, as_student, as_teacher, check_unused, register, weighter_for
 
 Base = Literal["ard", "rslad", "mtard"]
 RSLAD_SCHEDULE = {"epochs": 300, "milestones": (215, 260, 285)}
@@ -154,7 +154,8 @@ def fair_rslad(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | N
 def fair_mtard(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None = None,
                nat_teacher: ModelLike | None = None, *, num_classes: int = 10, beta: float = 2.0,
                eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, rw: float = 0.025,
-               nat_target: Literal["adv_teacher", "nat_teacher"] = "adv_teacher") -> Recipe:
+               nat_target: Literal["adv_teacher", "nat_teacher"] = "adv_teacher",
+               weighter: WeighterSpec = "anl") -> Recipe:
     """Fair-MTARD (NISP-official/Fair-ARD, Fair-MTARD.py): MTARD's attack (CE, x + 0.001*N(0,1), student in
     eval mode; kappa counted there), KL averaged over batch x classes, each sample's term weighted by its
     class's w (as :func:`fair_ard`, updated after each epoch), and ANL (beta 1, r_w = 0.025 decayed with the
@@ -162,7 +163,9 @@ def fair_mtard(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | N
     adversarial teacher's output on the PGD example, KL(T_adv(x') || S(x)), and never uses the natural
     teacher's (computed, unused): ``nat_target="adv_teacher"`` (default) follows the code; ``"nat_teacher"``
     is MTARD's KL(T_nat(x) || S(x)). Schedule: 300 epochs, LR x0.1 after 215, 260, 285, SGD momentum 0.9,
-    Nesterov, weight decay 2e-4."""
+    Nesterov, weight decay 2e-4. ``weighter`` swaps ANL for any registered weighter (the class weights
+    multiply its weights)."""
+    check_unused(weighter, "anl", rw=(rw, 0.025))
     adv = as_teacher(adv_teacher, num_classes, "adv")
     pgd = SurvivalPGD(eps=eps, alpha=alpha, steps=steps, start="normal")
     if nat_target == "nat_teacher":
@@ -170,8 +173,8 @@ def fair_mtard(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | N
     else:
         nat_branch = Branch(Clean(), KLDistill(), teacher=adv, teacher_input=pgd, name="nat")
     branches = [Branch(pgd, KLDistill(), teacher=adv, name="adv"), nat_branch]
-    anl = ANL(2, beta=1.0, rw=rw, w0=[0.5, 0.5])
-    return Recipe(as_student(student, num_classes), branches, ClassDifficultyWeights(pgd, anl, num_classes, beta),
+    base = weighter_for(weighter, 2, "anl", beta=1.0, rw=rw, w0=[0.5, 0.5])
+    return Recipe(as_student(student, num_classes), branches, ClassDifficultyWeights(pgd, base, num_classes, beta),
                   name="fair_mtard")
 
 
