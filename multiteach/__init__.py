@@ -21,7 +21,8 @@ _EXPORTS = {
     "load_weights": "checkpoint",
     "DataConfig": "config", "EvalConfig": "config", "ExperimentConfig": "config", "ModelConfig": "config",
     "TrainConfig": "config",
-    "TensorLoader": "data", "load_cifar": "data", "split_validation": "data",
+    "TensorLoader": "data", "load_cifar": "data", "split_validation": "data", "Files": "data",
+    "StreamingLoader": "loaders", "make_loader": "loaders",
     "Dataset": "datasets",
     "AutoAttack": "evaluation", "Square": "evaluation", "Transfer": "evaluation", "evaluate": "evaluation",
     "standard_attacks": "evaluation",
@@ -38,9 +39,9 @@ _EXPORTS = {
     "StepContext": "weighting", "UncertaintyWeighting": "weighting", "Weighter": "weighting",
 }
 _SUBMODULES = {"balance", "budget", "build", "checkpoint", "cli", "config", "data", "datasets", "distributed",
-               "engine", "evaluation", "fast", "features", "losses", "methods", "models", "pipeline", "plots",
-               "preprocess", "presets", "pretrained", "recipe", "registry", "runtime", "teachers", "trainer",
-               "transforms", "weighting"}
+               "engine", "evaluation", "fast", "features", "loaders", "losses", "methods", "models", "pipeline",
+               "plots", "preprocess", "presets", "pretrained", "recipe", "registry", "runtime", "teachers",
+               "trainer", "transforms", "weighting"}
 
 __all__ = sorted([*_EXPORTS, "models", "presets"])
 

@@ -113,7 +113,7 @@ def build_trainer(cfg: ExperimentConfig, *, dist: DistContext | None = None, con
     device = resolve_device(dist.device(cfg.train.device))
     seed_everything(cfg.train.seed + dist.rank)
     splits = splits or load_splits(cfg.data, synthetic_data)
-    recipe = build_recipe(cfg, splits.num_classes)
+    recipe = build_recipe(cfg, splits.num_classes, image_size=splits.image_size)  # a size mismatch: refused now
     log = console.log if console is not None and dist.is_main else None
     common = dict(kind=cfg.data.loader, augment=splits.augment, image_size=splits.image_size, device=device,
                   rank=dist.rank, world=dist.world, workers=cfg.data.workers, log=log)

@@ -254,6 +254,14 @@ class ExperimentConfig(_Strict):
         d["train"].pop("time_budget_s")  # a budgeted run's cache entry is reused under another budget
         if d["train"]["optimizer"] == "sgd" and not d["train"]["optimizer_options"]:  # digests of runs written
             del d["train"]["optimizer"], d["train"]["optimizer_options"]  # before these fields existed still match
+        d["data"].pop("workers", None)  # how fast data is decoded, not what it is
+        for key, default in (("image_size", None), ("augment", "auto"), ("loader", "auto")):
+            if d["data"].get(key) == default:  # at their defaults, newer fields leave older digests as they were
+                d["data"].pop(key, None)
+        for model in [d["student"], *d["teachers"].values()]:
+            for key, default in (("source", "timm"), ("pretrained", False), ("weights", None), ("resize", False)):
+                if model.get(key) == default:
+                    model.pop(key, None)
         d.pop("eval")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

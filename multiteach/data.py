@@ -45,7 +45,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 class Files:
     """One split as image files (any size, decoded when read) and int64 labels: ``root / paths[i]``.
 
-    Paths are held as a numpy array of UTF-8 bytes, not a list of str, so the loader's forked workers share
+    Paths are held as a numpy array of bytes (``os.fsencode``), not a list of str, so the loader's forked workers share
     them without copying (a list's reference counts would touch every page)."""
 
     root: str
@@ -60,7 +60,7 @@ class Files:
         return Files(self.root, self.paths[idx], self.y[idx], self.classes)
 
     def path(self, i: int) -> str:
-        return os.path.join(self.root, self.paths[i].decode())
+        return os.path.join(self.root, os.fsdecode(self.paths[i]))
 
 
 Split = Arrays | Files
@@ -116,7 +116,7 @@ def scan_image_folder(data_dir: str | os.PathLike) -> tuple[Files, Files]:
                                  f"): expected {LAYOUT}; remove the empty folder")
             paths += [os.path.join(name, f) for f in files]
             labels += [classes.index(name)] * len(files)
-        split_files = Files(str(folder), np.array([p.encode() for p in paths]), np.array(labels, dtype=np.int64),
+        split_files = Files(str(folder), np.array([os.fsencode(p) for p in paths]), np.array(labels, dtype=np.int64),
                             tuple(classes))
         splits.append(split_files.take(np.random.default_rng(0).permutation(len(split_files))))
     return splits[0], splits[1]
@@ -407,11 +407,11 @@ class TensorLoader:
         self._perm = None if perm is None else perm.to(self.device)
         self._pos = int(state["pos"])
         self._epoch = int(state.get("epoch", 0))
-        if state.get("order") is not None:
-            self.order.set_state(state["order"])
+        if state.get("order") is not None:  # states are CPU byte tensors (a checkpoint may map them to the GPU)
+            self.order.set_state(state["order"].cpu())
         if state.get("kind", self.kind) == self.kind and state.get("generator") is not None:
             try:
-                self.generator.set_state(state["generator"])
+                self.generator.set_state(state["generator"].cpu())
             except RuntimeError:  # written on another device type: the augmentation restarts from the seed
                 pass
 

@@ -2,8 +2,8 @@
 
 :class:`~multiteach.data.TensorLoader` holds a whole split on the training device as uint8 and augments
 batches there; :class:`StreamingLoader` reads the images in ``torch.utils.data.DataLoader`` worker processes
-(decoding and torchvision.transforms.v2 augmentation on the CPU, pinned memory on CUDA, persistent workers)
-for the splits that do not fit. Both:
+(decoding, resizing and augmentation on the CPU: torchvision.transforms.v2 for resizes and random-resized crops;
+pinned memory on CUDA; persistent workers) for the splits that do not fit. Both:
 
 - take the order of each epoch from one permutation drawn on the CPU from ``seed``
   (``torch.randperm(n, generator=torch.Generator().manual_seed(seed))`` for the first epoch, the next draws of
@@ -86,6 +86,32 @@ def _worker_context(workers: int) -> Any:
     return multiprocessing.get_context("fork")
 
 
+def _mix(x: int) -> int:
+    """splitmix64: a well-spread 64-bit hash of ``x``."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+class PadCropFlip:
+    """Zero-pad by ``pad``, crop a random window of the original size, flip half the images (as
+    :func:`~multiteach.data.crop_flip` does on the device), its three draws taken from a hash of the image's
+    seed: one image at a time without torchvision's per-call overhead or the global generator."""
+
+    def __init__(self, pad: int) -> None:
+        self.pad = pad
+
+    def __call__(self, img: Tensor, seed: int) -> Tensor:
+        r = _mix(seed)
+        p, span = self.pad, 2 * self.pad + 1
+        dy, dx, flip = r % span, (r >> 16) % span, (r >> 32) & 1
+        h, w = img.shape[-2:]
+        if p:
+            img = torch.nn.functional.pad(img, (p, p, p, p))[:, dy:dy + h, dx:dx + w]
+        return img.flip(-1) if flip else img
+
+
 def _sample_seed(seed: int, epoch: int, slot: int) -> int:
     """The augmentation seed of the image at ``slot`` of the global order in ``epoch``: the same whatever the
     number of ranks and workers, and after a resume."""
@@ -98,9 +124,9 @@ class _Reader(torch.utils.data.Dataset):
     Items are ``(index, seed)`` pairs. A file that cannot be decoded is returned as ``(None, message)``, so the
     main process raises one line naming it (not a worker's traceback)."""
 
-    def __init__(self, split: Split, transform: Callable[[Tensor], Tensor] | None,
-                 base: Callable[[Tensor], Tensor] | None) -> None:
-        self.split, self.transform, self.base = split, transform, base
+    def __init__(self, split: Split, transform: Callable | None, base: Callable[[Tensor], Tensor] | None,
+                 size: tuple[int, int] | None) -> None:
+        self.split, self.transform, self.base, self.size = split, transform, base, size
 
     def __len__(self) -> int:
         return len(self.split)
@@ -124,11 +150,13 @@ class _Reader(torch.utils.data.Dataset):
         i, seed = item
         try:
             img = self.read(i)
-            if self.base is not None:
+            if self.base is not None and tuple(img.shape[-2:]) != self.size:  # size None: always
                 img = self.base(img)
-            if self.transform is not None:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
+            if isinstance(self.transform, PadCropFlip):
+                img = self.transform(img, seed)
+            elif self.transform is not None:
+                with torch.random.fork_rng(devices=[]):  # v2's transforms draw from the global CPU generator
+                    torch.default_generator.manual_seed(seed)  # (torch.manual_seed also seeds CUDA: ~100x slower)
                     img = self.transform(img)
         except Exception as e:
             where = self.split.path(i) if isinstance(self.split, Files) else f"image {i}"
@@ -174,9 +202,10 @@ class StreamingLoader:
 
     ``split``: :class:`Arrays` (images at their stored size) or :class:`Files` (any size: resized to
     ``image_size``). ``augment``: "none", "crop_flip" (files: resize the shorter side to ``image_size`` and
-    centre-crop; then zero-pad by ``pad``, random crop, flip: torchvision.transforms.v2 RandomCrop and
-    RandomHorizontalFlip) or "resized_crop" (v2 RandomResizedCrop to ``image_size`` and flip). Without
-    augmentation files are resized to ``image_size / crop`` and centre-cropped to ``image_size``.
+    centre-crop; then :class:`PadCropFlip`: zero-pad by ``pad``, random crop, flip) or "resized_crop"
+    (torchvision.transforms.v2 RandomResizedCrop to ``image_size`` and RandomHorizontalFlip). Without
+    augmentation files are resized to ``image_size / crop`` and centre-cropped to ``image_size`` (a file already
+    at that size, with ``crop`` 1, is taken as it is).
     Augmentation is seeded per image from ``seed``, the epoch and the image's place in the global order, so it
     does not depend on the number of workers or ranks, and a resumed epoch repeats it. ``workers``: 0 reads in
     this process. Order, sharding and resume: see the module's docstring.
@@ -205,27 +234,28 @@ class StreamingLoader:
             self.image_hw: tuple[int, int] = (image_size, image_size)  # type: ignore[assignment]
         else:
             self.image_hw = (int(split.x.shape[1]), int(split.x.shape[2]))
-        self._reader = _Reader(split, *self._transforms(image_size, crop))
+        transform, base, resize_to = self._transforms(image_size, crop)
+        self._reader = _Reader(split, transform, base, size=self.image_hw if resize_to == image_size else None)
         self._batches = _ShardBatches(self)
         self._loader: torch.utils.data.DataLoader | None = None
         self._perm: np.ndarray | None = None
         self._pos = 0
         self._epoch = 0
 
-    def _transforms(self, size: int | None, crop: float) -> tuple[Callable | None, Callable | None]:
-        """(random transform, deterministic base transform applied before it)."""
+    def _transforms(self, size: int | None, crop: float) -> tuple[Callable | None, Callable | None, int | None]:
+        """(random transform, deterministic base transform applied before it, the size the base resizes to)."""
         from torchvision.transforms import v2
 
         hw = list(self.image_hw)
-        base = None
+        base, resize_to = None, None
         if isinstance(self.split, Files) and self.augment != "resized_crop":
-            base = v2.Compose([v2.Resize(round(size / (1.0 if self.augment == "crop_flip" else crop)), antialias=True),
-                               v2.CenterCrop(hw)])
+            resize_to = round(int(size) / (1.0 if self.augment == "crop_flip" else crop))  # type: ignore[arg-type]
+            base = v2.Compose([v2.Resize(resize_to, antialias=True), v2.CenterCrop(hw)])
         if self.augment == "crop_flip":
-            return v2.Compose([v2.RandomCrop(hw, padding=self.pad), v2.RandomHorizontalFlip()]), base
+            return PadCropFlip(self.pad), base, resize_to
         if self.augment == "resized_crop":
-            return v2.Compose([v2.RandomResizedCrop(hw, antialias=True), v2.RandomHorizontalFlip()]), base
-        return None, base
+            return v2.Compose([v2.RandomResizedCrop(hw, antialias=True), v2.RandomHorizontalFlip()]), base, resize_to
+        return None, base, resize_to
 
     @property
     def global_batch(self) -> int:
@@ -291,8 +321,8 @@ class StreamingLoader:
                                                           dtype=np.int64)
         self._pos = int(state["pos"])
         self._epoch = int(state.get("epoch", 0))
-        if state.get("order") is not None:
-            self.order.set_state(state["order"])
+        if state.get("order") is not None:  # a CPU byte tensor (a checkpoint may map it to the GPU)
+            self.order.set_state(state["order"].cpu())
         if state.get("augment_seed") is not None:
             self.seed = int(state["augment_seed"])
 
@@ -365,8 +395,8 @@ def make_loader(split: Split, batch_size: int, *, train: bool, kind: str = "auto
     crop = 1.0 if train else eval_crop(mode)
     chosen, why = choose_loader(split, kind, device, image_size)
     if log is not None:
-        how = f"resident on {device}" if chosen == "resident" else \
-            f"streamed by {default_workers() if workers is None else workers} workers"
+        n = default_workers() if workers is None else workers
+        how = f"resident on {device}" if chosen == "resident" else f"streamed by {n} worker{'s' * (n != 1)}"
         log(f"{name or 'data'}: {how} ({why})")
     opts = dict(shuffle=train, augment=mode if train else "none", drop_last=train, device=device, seed=seed,
                 rank=rank, world=world, pad=pad)
@@ -377,5 +407,5 @@ def make_loader(split: Split, batch_size: int, *, train: bool, kind: str = "auto
                            **opts)  # type: ignore[arg-type]
 
 
-__all__ = ["RESIDENT_MEMORY_FRACTION", "Loader", "StreamingLoader", "choose_loader", "decode", "default_workers",
-           "eval_crop", "make_loader", "resolve_augment", "split_bytes"]
+__all__ = ["RESIDENT_MEMORY_FRACTION", "Loader", "PadCropFlip", "StreamingLoader", "choose_loader", "decode",
+           "default_workers", "eval_crop", "make_loader", "resolve_augment", "split_bytes"]

@@ -190,6 +190,8 @@ def test_config_writes_every_field_and_reads_back_equal(tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     expected = preset_config(preset)
     for t in expected["teachers"].values():  # the teachers' checkpoints the written config points at
+        if t["checkpoint"] is None:  # an online peer starts from scratch
+            continue
         Path(t["checkpoint"]).parent.mkdir(parents=True, exist_ok=True)
         Path(t["checkpoint"]).write_bytes(b"")
     assert cli_module.main(["config", preset, "-o", "c.toml"]) == 0

@@ -80,7 +80,7 @@ def trained_on_folder(tmp_path, folder, capsys) -> Path:
                        "--set", "train.eval_pgd_steps=1", "--set", "train.progress=false",
                        "--set", f"run_dir={tmp_path / 'run'}")
     assert code == 0, err
-    assert "train split: streamed by 1 workers" in " ".join(err.split())  # image files on the CPU: streamed
+    assert "train split: streamed by 1 worker " in " ".join(err.split())  # image files on the CPU: streamed
     return tmp_path / "run"
 
 
