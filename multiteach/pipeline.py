@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 
 from .build import Splits, build_trainer, eval_tensors
-from .config import ExperimentConfig
+from .config import ExperimentConfig, ModelConfig
 from .distributed import DistContext
 from .evaluation import Report, evaluate
 
@@ -74,14 +74,22 @@ def evaluate_checkpoint(model_name: str, checkpoint: str | Path, splits: Splits,
 
 
 
-def stage_config(preset: str, model: str, data: Any, run_dir: str | Path, *, options: dict | None = None,
-                 teachers: dict[str, tuple[str, str | Path | None]] | None = None, **train: Any) -> ExperimentConfig:
-    """An ``ExperimentConfig`` for one stage: ``teachers`` maps a role to (timm name, checkpoint or None: a
-    fresh network, e.g. an online peer). Epochs and milestones not given are the preset's official ones."""
+def stage_config(preset: str, model: str | ModelConfig, data: Any, run_dir: str | Path, *,
+                 options: dict | None = None,
+                 teachers: dict[str, tuple[str, str | Path | None] | ModelConfig] | None = None,
+                 **train: Any) -> ExperimentConfig:
+    """An ``ExperimentConfig`` for one stage: ``model`` a timm name or a model table (pretrained weights,
+    resize, ...); ``teachers`` maps a role to (timm name, checkpoint or None: a fresh network, e.g. an online
+    peer) or to a model table. Epochs and milestones not given are the preset's official ones."""
+    def table(m: Any) -> Any:
+        if isinstance(m, ModelConfig):
+            return m
+        name, ckpt = m
+        return {"model": name, "checkpoint": None if ckpt is None else str(ckpt)}
+
     return ExperimentConfig(
-        preset=preset, options=options or {}, student={"model": model}, data=data, train=train,
-        teachers={role: {"model": m, "checkpoint": None if c is None else str(c)}
-                  for role, (m, c) in (teachers or {}).items()},
+        preset=preset, options=options or {}, student=model if isinstance(model, ModelConfig) else {"model": model},
+        data=data, train=train, teachers={role: table(m) for role, m in (teachers or {}).items()},
         run_dir=str(run_dir),
     )
 
