@@ -62,11 +62,12 @@ def test_natural_is_cross_entropy():
 
 
 def test_sat_is_ce_on_pgd10_uniform_start_examples():
+    """Madry's PGD-AT as the MadryLab code runs it: the attack sees the student's BatchNorm in train mode."""
     recipe, s, _ = setup("sat")
     x, y = batch()
     out = run(recipe, x, y)
     torch.manual_seed(3)
-    x_adv = hand_pgd(s, x, lambda o: F.cross_entropy(o, y), "uniform")
+    x_adv = hand_pgd(s, x, lambda o: F.cross_entropy(o, y), "uniform", mode="train")
     assert out.total.item() == pytest.approx(F.cross_entropy(s(x_adv), y).item(), rel=1e-5)
 
 
@@ -77,7 +78,8 @@ def test_trades_is_ce_plus_six_kl_batchmean():
     torch.manual_seed(3)
     with torch.no_grad():
         ref = s.eval()(x)
-    x_adv = hand_pgd(s, x, lambda o: F.kl_div(F.log_softmax(o, 1), F.softmax(ref, 1), reduction="sum"), "normal")
+    x_adv = hand_pgd(s, x, lambda o: F.kl_div(F.log_softmax(o, 1), F.softmax(ref, 1), reduction="sum"), "normal",
+                     eps=0.031, alpha=0.007)  # the TRADES repository's attack
     s_nat = s(x)
     want = F.cross_entropy(s_nat, y) + 6.0 * kl(s(x_adv), s_nat, reduction="batchmean")
     assert out.total.item() == pytest.approx(want.item(), rel=1e-5)

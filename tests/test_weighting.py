@@ -160,7 +160,7 @@ def test_weighters_by_name_with_their_options():
     assert isinstance(make_weighter("anl", 3, beta=2.0), ANL) and make_weighter("anl", 3, beta=2.0).beta == 2.0
     assert make_weighter({"name": "anl", "beta": 5.0}, 2, beta=2.0).beta == 5.0  # the spec's options win
     assert set(WEIGHTERS) >= {"anl", "dwa", "fixed", "uw", "rlw"}
-    with pytest.raises(ValueError, match="unknown weighter 'nope': choose one of anl, dwa, fixed, rlw, uw"):
+    with pytest.raises(ValueError, match="unknown weighter 'nope': choose one of .*anl, .*dwa, .*fixed, .*rlw, .*uw"):
         make_weighter("nope", 2)
     with pytest.raises(ValueError, match="weighter 'dwa' has no option 'rw': its options are temperature"):
         make_weighter({"name": "dwa", "rw": 0.1}, 2)
