@@ -22,12 +22,11 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from multiteach.build import Splits, eval_tensors, load_splits
 from multiteach.config import DataConfig
 from multiteach.data import split_validation, synthetic
-from multiteach.evaluation import correct_mask
+from multiteach.evaluation import accuracy_table, correct_mask
 from multiteach.pipeline import stage_config, train_cached, train_stage
 from multiteach.runtime import resolve_device
 from multiteach.teachers import load_model
@@ -126,12 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             for m, best in students.items()}
     rows.update({f"{role} teacher ({arch})": accuracy(arch, ckpt, x, y, splits.num_classes, device)
                  for role, (arch, ckpt) in teachers.items()})
-    table = Table(title=f"Clean test accuracy, n = {len(y)} ({'synthetic' if args.tiny else args.dataset})",
-                  caption=f"{time.perf_counter() - t0:.0f} s")
-    table.add_column("model")
-    table.add_column("clean %", justify="right")
-    for name, acc in rows.items():
-        table.add_row(name, f"{100 * acc:.2f}")
+    where = "synthetic" if args.tiny else args.dataset
+    table = accuracy_table(rows, f"Clean test accuracy, n = {len(y)} ({where})", f"{time.perf_counter() - t0:.0f} s")
     Console(width=120).print(table)  # last: logs and the device tool show the end of the output
     return rows
 

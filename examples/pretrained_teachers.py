@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from multiteach.build import build_model, eval_tensors, load_splits
 from multiteach.config import DataConfig, ModelConfig
-from multiteach.evaluation import correct_mask
+from multiteach.evaluation import accuracy_table, correct_mask
 from multiteach.pipeline import stage_config, train_cached, train_stage
 from multiteach.runtime import resolve_device
 
@@ -97,12 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for name, table in models.items():
         net = build_model(table, splits.num_classes, name).to(device)
         rows[name] = correct_mask(net, x, y, None, 64, device).float().mean().item()
-    table = Table(title=f"Clean accuracy on {args.data_dir}/val, n = {len(y)}",
-                  caption=f"{time.perf_counter() - t0:.0f} s")
-    table.add_column("model")
-    table.add_column("clean %", justify="right")
-    for name, acc in rows.items():
-        table.add_row(name, f"{100 * acc:.2f}")
+    table = accuracy_table(rows, f"Clean accuracy on {args.data_dir}/val, n = {len(y)}",
+                           f"{time.perf_counter() - t0:.0f} s")
     Console(width=120).print(table)  # last: logs and the device tool show the end of the output
     return rows
 

@@ -318,7 +318,24 @@ def check_resume_state(state: dict, n_images: int, n_batches: int) -> None:
         )
 
 
-class TensorLoader:
+class EpochCursor:
+    """Where a loader is in its epoch: the epoch's order (``_perm``, None between epochs) and the batches
+    served (``_pos``); shared by the resident and the streaming loader."""
+
+    _perm: object = None
+    _pos: int = 0
+
+    @property
+    def position(self) -> int:
+        """Batches already served in the current epoch (0 between epochs)."""
+        return self._pos if self._perm is not None else 0
+
+    def end_epoch(self) -> None:
+        """Forget the current epoch's order: the next iteration starts a new epoch."""
+        self._perm, self._pos = None, 0
+
+
+class TensorLoader(EpochCursor):
     """Batches of one split held on ``device``: shuffled, augmented and sharded across ranks on the device.
 
     The order of each epoch is a permutation drawn on the CPU from ``seed`` (the same on every device, and the
@@ -381,15 +398,6 @@ class TensorLoader:
             self._pos += 1
             yield x[lo:hi], self.y[idx[lo:hi]]
         self._perm = None
-
-    @property
-    def position(self) -> int:
-        """Batches already served in the current epoch (0 between epochs)."""
-        return self._pos if self._perm is not None else 0
-
-    def end_epoch(self) -> None:
-        """Forget the current epoch's order: the next iteration starts a new epoch."""
-        self._perm, self._pos = None, 0
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "perm": None if self._perm is None else self._perm.cpu(), "pos": self._pos,

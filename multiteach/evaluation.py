@@ -49,6 +49,18 @@ def standard_attacks(eps: float = 8 / 255) -> dict[str, Attack]:
     return attacks_by_name(STANDARD, eps)
 
 
+def accuracy_table(rows: dict[str, float], title: str, caption: str = "") -> Any:
+    """A rich table of clean accuracy (%) per model, for the examples' last lines."""
+    from rich.table import Table
+
+    table = Table(title=title, caption=caption or None)
+    table.add_column("model")
+    table.add_column("clean %", justify="right")
+    for name, acc in rows.items():
+        table.add_row(name, f"{100 * acc:.2f}")
+    return table
+
+
 def attacks_by_name(specs: Iterable[str | dict[str, Any]], eps: float = 8 / 255) -> dict[str, Attack]:
     """Registered attacks (``ATTACKS``) by name or ``{name = ..., **options}``, each at radius ``eps`` where it
     takes one; a row is named by the name (with its options, if any). An unknown name is a one-line error

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import Arrays, Files, Split, TensorLoader, augment_mode, augment_seed, check_resume_state
+from .data import Arrays, EpochCursor, Files, Split, TensorLoader, augment_mode, augment_seed, check_resume_state
 
 RESIDENT_MEMORY_FRACTION = 0.25  # of the free GPU memory when the loader is chosen (models not yet moved there)
 RESIZED_CROP_EVAL_CROP = 0.875  # evaluation after random-resized-crop training: resize to size / 0.875, centre crop
@@ -196,7 +196,7 @@ class _ShardBatches:
             yield [(int(idx[k]), _sample_seed(ld.seed, self.epoch, b * g + k)) for k in range(lo, hi)]
 
 
-class StreamingLoader:
+class StreamingLoader(EpochCursor):
     """Batches of one split read by DataLoader workers: decoded, resized and augmented on the CPU, moved to
     ``device`` (from pinned memory on CUDA) and scaled to [0, 1] there.
 
@@ -298,15 +298,6 @@ class StreamingLoader:
             self._pos += 1
             yield x.to(self.device, non_blocking=True).float().div_(255), y.to(self.device, non_blocking=True)
         self._perm = None
-
-    @property
-    def position(self) -> int:
-        """Batches already served in the current epoch (0 between epochs)."""
-        return self._pos if self._perm is not None else 0
-
-    def end_epoch(self) -> None:
-        """Forget the current epoch's order: the next iteration starts a new epoch."""
-        self._perm, self._pos = None, 0
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "perm": None if self._perm is None else torch.from_numpy(self._perm.copy()),
