@@ -163,9 +163,21 @@ def _robustbench_import() -> Iterator[None]:
             sys.modules.pop(key, None)
 
 
+def robustbench_installed() -> bool:
+    """The robustbench distribution is installed (torchattacks ships an old copy of its ``robustbench``
+    module that imports as one but is not it: its loader lacks today's download code)."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("robustbench")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return importlib.util.find_spec("robustbench") is not None
+
+
 def _robustbench() -> tuple[Any, Any]:
     """(robustbench.utils.load_model, robustbench.model_zoo.model_dicts), or a one-line install error."""
-    if importlib.util.find_spec("robustbench") is None:
+    if not robustbench_installed():
         raise ImportError(f"RobustBench models need the robustbench package: {ROBUSTBENCH_INSTALL}")
     try:
         with _robustbench_import():
