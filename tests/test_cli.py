@@ -89,32 +89,40 @@ BAD = [
 def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, what, args, message):
     """In-process (``cli.main``, the function the command runs; the subprocess path is covered by the tests
     below): a fresh interpreter per case would cost ~5 s of imports each."""
-    from multiteach import cli as command
-
-    code = command.main(["train", str(small_config(tmp_path)), "--synthetic", *args])
-    err = capsys.readouterr().err
+    r = run_inprocess(capsys, "train", str(small_config(tmp_path)), "--synthetic", *args)
+    code, err = r.returncode, r.stderr
     assert code == 2, (what, err)
     assert message in err, err
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
 
 
-def test_teacher_problems_are_named(tmp_path, trained):
+def run_inprocess(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``cli.main`` in this process, as a CompletedProcess (no interpreter start-up: ~5 s of imports each)."""
+    from multiteach import cli as command
+
+    code = command.main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+
+def test_teacher_problems_are_named(tmp_path, trained, capsys):
     cfg = small_config(tmp_path)
     mtard = ["--set", "preset=mtard", "--set", "teachers.adv.model=cifar_resnet8",
              "--set", "teachers.nat.model=cifar_resnet8"]
-    missing = cli("train", str(cfg), "--synthetic", "--set", "preset=mtard")
+    missing = run_inprocess(capsys, "train", str(cfg), "--synthetic", "--set", "preset=mtard")
     assert missing.returncode == 2 and "needs teacher(s) adv, nat" in missing.stderr
-    gone = cli("train", str(cfg), "--synthetic", *mtard, "--set", "teachers.adv.checkpoint=/no/adv.pt",
-               "--set", "teachers.nat.checkpoint=/no/nat.pt")
+    gone = run_inprocess(capsys, "train", str(cfg), "--synthetic", *mtard,
+                         "--set", "teachers.adv.checkpoint=/no/adv.pt", "--set", "teachers.nat.checkpoint=/no/nat.pt")
     assert gone.returncode == 2 and "checkpoint '/no/adv.pt' not found" in gone.stderr
     ckpt = str(trained / "best.pt")
-    arch = cli("train", str(cfg), "--synthetic", "--set", "preset=mtard", "--set", "teachers.adv.model=cifar_resnet20",
-               "--set", f"teachers.adv.checkpoint={ckpt}", "--set", "teachers.nat.model=cifar_resnet8",
-               "--set", f"teachers.nat.checkpoint={ckpt}")
+    arch = run_inprocess(capsys, "train", str(cfg), "--synthetic", "--set", "preset=mtard",
+                         "--set", "teachers.adv.model=cifar_resnet20", "--set", f"teachers.adv.checkpoint={ckpt}",
+                         "--set", "teachers.nat.model=cifar_resnet8", "--set", f"teachers.nat.checkpoint={ckpt}")
     assert arch.returncode == 2 and "does not fit" in arch.stderr and "another architecture" in arch.stderr
-    classes = cli("train", str(cfg), "--synthetic", *mtard, "--set", f"teachers.adv.checkpoint={ckpt}",
-                  "--set", f"teachers.nat.checkpoint={ckpt}", "--set", "data.dataset=cifar100")
+    classes = run_inprocess(capsys, "train", str(cfg), "--synthetic", *mtard,
+                            "--set", f"teachers.adv.checkpoint={ckpt}", "--set", f"teachers.nat.checkpoint={ckpt}",
+                            "--set", "data.dataset=cifar100")
     assert classes.returncode == 2 and "class count" in classes.stderr, classes.stderr
 
 
