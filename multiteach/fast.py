@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .recipe import Recipe, _key
 from .teachers import Teacher
-from .transforms import InputTransform, module_mode
+from .transforms import InputTransform, WrappedTransform, module_mode
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -180,7 +180,7 @@ def _capturing(x: Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-class GraphedTransform(InputTransform):
+class GraphedTransform(WrappedTransform):
     """A graph-safe transform recorded as a CUDA graph (one per input shape) and replayed.
 
     It attacks ``view`` (e.g. the BN-folded eval view of the student, ``refresh``-ed from the live weights
@@ -193,24 +193,12 @@ class GraphedTransform(InputTransform):
                  log: Callable[[str], None] | None = None) -> None:
         if not inner.graph_safe:
             raise ValueError(f"{inner!r} is not graph-safe (graph_safe = False): it cannot be recorded")
+        super().__init__(inner)
         d = self.__dict__
-        d.update(inner=inner, bound=bound, view=view, refresh=refresh, capture=capture, log=log)
+        d.update(bound=bound, view=view, refresh=refresh, capture=capture, log=log)
         d["_settings"] = inner.settings()
         d["_replay"] = capture(self._run)
         d["recorded"] = 1
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["inner"], name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self.inner, name, value)
-
-    # the contract attributes the recipe reads are the wrapped transform's
-    model = property(lambda self: self.inner.model)  # type: ignore[assignment]
-    reference = property(lambda self: self.inner.reference)  # type: ignore[assignment]
-    through = property(lambda self: self.inner.through)  # type: ignore[assignment]
-    needs_reference = property(lambda self: self.inner.needs_reference)  # type: ignore[assignment]
-    bn_mode = property(lambda self: self.inner.bn_mode)  # type: ignore[assignment]
 
     def _run(self, x: Tensor, y: Tensor, reference: Tensor | None) -> Tensor:
         if self.refresh is not None:

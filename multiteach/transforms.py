@@ -233,6 +233,27 @@ class FGSM(PGD):
         super().__init__(eps=eps, alpha=eps if alpha is None else alpha, steps=1, start=start, **kwargs)
 
 
+class WrappedTransform(InputTransform):
+    """A transform standing in for another (``inner``): settings read and written on it are the inner one's,
+    and so is the contract the recipe reads (``model``, ``reference``, ``through``, ``bn_mode``). Subclasses
+    override ``__call__`` (a recorded graph, a transform that keeps its last output)."""
+
+    def __init__(self, inner: InputTransform) -> None:
+        self.__dict__["inner"] = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["inner"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.inner, name, value)
+
+    model = property(lambda self: self.inner.model)  # type: ignore[assignment]
+    reference = property(lambda self: self.inner.reference)  # type: ignore[assignment]
+    through = property(lambda self: self.inner.through)  # type: ignore[assignment]
+    needs_reference = property(lambda self: self.inner.needs_reference)  # type: ignore[assignment]
+    bn_mode = property(lambda self: self.inner.bn_mode)  # type: ignore[assignment]
+
+
 class CallableTransform(InputTransform):
     """Any callable ``fn(model, x, y) -> x'`` as a transform (the base class keeps the mode contract)."""
 
@@ -285,4 +306,4 @@ def as_transform(t: Any) -> InputTransform:
 
 
 __all__ = ["ATTACKS", "FGSM", "PGD", "CallableTransform", "Clean", "InputTransform", "TorchattacksTransform",
-           "as_transform", "module_mode"]
+           "WrappedTransform", "as_transform", "module_mode"]

@@ -87,6 +87,9 @@ class Trainer:
         self.optimizer = student_optimizer(self.cfg, student_params, self.extra_params, self.device)
         self.teacher_optimizers = [teacher_optimizer(t.optimizer, t.parameters(), self.device)
                                    for t in recipe.trainable_teachers]
+        self._lr_bases = [(self.optimizer, None)] + [(opt, t.optimizer.get("lr", 0.1)) for opt, t in
+                                                      zip(self.teacher_optimizers, recipe.trainable_teachers)]
+        self._synced = self.extra_params + [p for t in recipe.trainable_teachers for p in t.parameters()]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.steps_per_epoch = min(len(self.loader), self.cfg.steps_per_epoch or len(self.loader))
         if self.steps_per_epoch < 1:
@@ -354,8 +357,7 @@ class Trainer:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         factor = self.cfg.lr_factor(progress)
-        set_lr([(self.optimizer, self.cfg.lr)] + [(opt, t.optimizer.get("lr", 0.1)) for opt, t in
-                                                 zip(self.teacher_optimizers, self.recipe.trainable_teachers)], factor)
+        set_lr([(opt, self.cfg.lr if base is None else base) for opt, base in self._lr_bases], factor)
         self.recipe.on_lr(factor)
         with autocast(self.precision, self.device):
             out = self.recipe(x, y, model=self.train_model)
@@ -364,9 +366,10 @@ class Trainer:
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         self.scaler.scale(out.total).backward()
-        self.dist.sync_grads(self.extra_params + [p for t in self.recipe.trainable_teachers for p in t.parameters()])
-        for opt in optimizers:  # an optimizer none of whose parameters got a gradient (a teacher whose own
-            if any(p.grad is not None for g in opt.param_groups for p in g["params"]):  # loss is off) is skipped
+        self.dist.sync_grads(self._synced)
+        self.scaler.step(self.optimizer)
+        for opt in self.teacher_optimizers:  # a teacher whose own loss is off this step got no gradient: skipped
+            if any(p.grad is not None for g in opt.param_groups for p in g["params"]):
                 self.scaler.step(opt)
         self.scaler.update()
         self.global_step += 1

@@ -20,7 +20,6 @@ from it; the IGDM branch reads S(x + beta d) as its student output and S(x - gam
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,43 +27,30 @@ from torch import Tensor, nn
 from ..losses import KLDistill, kl_per_sample
 from ..recipe import STUDENT, Branch, Recipe
 from ..teachers import Teacher
-from ..transforms import PGD, Clean, InputTransform
+from ..transforms import PGD, Clean, InputTransform, WrappedTransform
 from ..weighting import Fixed, StepContext, Weighter
 from ._common import ModelLike, as_student, as_teacher, register
 
 IGDM_SCHEDULE = {"epochs": 200, "milestones": (100, 150)}
 
 
-class Recorded(InputTransform):
+class Recorded(WrappedTransform):
     """``base``'s output, also kept (with the clean batch it was made from) for :class:`Offset` to read in the
     same step. Reading or setting the contract attributes (``model``, ``reference``, ``through``, ...) reads or
     sets ``base``'s, so the recipe registers the teachers ``base`` reads. Not graph-safe (the kept tensor is a
-    side output a recorded graph would not refresh); ``base`` runs without autocast, as the official fp32 code,
-    which also keeps a gradient through a frozen teacher (the fast path's teacher replays without one under
-    autocast)."""
+    side output a recorded graph would not refresh); ``base`` runs without autocast, as the official fp32 code."""
 
     graph_safe = False
 
     def __init__(self, base: InputTransform) -> None:
         if isinstance(base, Clean | Recorded):
             raise ValueError(f"Recorded wraps an adversarial transform, got {base!r}")
-        self.__dict__.update(base=base, clean=None, last=None)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["base"], name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self.base, name, value)
-
-    model = property(lambda self: self.base.model)  # type: ignore[assignment]
-    reference = property(lambda self: self.base.reference)  # type: ignore[assignment]
-    through = property(lambda self: self.base.through)  # type: ignore[assignment]
-    needs_reference = property(lambda self: self.base.needs_reference)  # type: ignore[assignment]
-    bn_mode = property(lambda self: self.base.bn_mode)  # type: ignore[assignment]
+        super().__init__(base)
+        self.__dict__.update(clean=None, last=None)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, reference: Tensor | None = None) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            out = self.base(model, x, y, reference)
+            out = self.inner(model, x, y, reference)
         self.__dict__.update(clean=x, last=out)
         return out
 
@@ -72,11 +58,11 @@ class Recorded(InputTransform):
         """The x' made from the batch ``x`` in this step."""
         if self.clean is not x:
             raise RuntimeError("IGDM reads the adversarial example of the batch in hand: the branch using "
-                               f"{self.base!r} must come before the IGDM branch in the same recipe")
+                               f"{self.inner!r} must come before the IGDM branch in the same recipe")
         return self.last
 
     def __repr__(self) -> str:
-        return f"Recorded({self.base!r})"
+        return f"Recorded({self.inner!r})"
 
 
 class Offset(InputTransform):
