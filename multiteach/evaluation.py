@@ -1,8 +1,9 @@
 """Robustness evaluation: the MTARD paper's white-box (Table 2) and black-box (Table 4) rows, W-Robust.
 
-Everything runs in fp32 with the model in eval mode. Each row reports clean and robust accuracy on the
-same images and W-Robust = (clean + robust) / 2; the worst case counts an image robust only if every
-attack run failed on it. AutoAttack and Square come from the AutoAttack authors' package (pyautoattack).
+Everything runs in fp32 with the model in eval mode, TF32 off unless asked for (``tf32=True``: cuDNN's
+default on Ampere and later GPUs, faster; labelled so in every table). Each row reports clean and
+robust accuracy on the same images and W-Robust = (clean + robust) / 2; the worst case counts an image robust
+only if every attack run failed on it. AutoAttack and Square come from the AutoAttack authors' package (pyautoattack).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .registry import ATTACKS
+from .runtime import tf32 as tf32_mode
 from .transforms import PGD, module_mode
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -190,10 +192,14 @@ class Report:
         path.write_text(json.dumps(self.to_dict(), indent=2))
         return path
 
-    def table(self, title: str = "Robustness (fp32, eval mode)") -> Any:
+    @property
+    def precision(self) -> str:
+        return precision_label(self.meta.get("tf32", False))
+
+    def table(self, title: str = "Robustness") -> Any:
         from rich.table import Table
 
-        t = Table(title=f"{title}: test set, n = {self.n} (fp32, eval mode)")
+        t = Table(title=f"{title}: test set, n = {self.n} ({self.precision}, eval mode)")
         for col in ("attack", "clean %", "robust %", "W-Robust %", "s", "settings"):
             t.add_column(col, justify="left" if col in ("attack", "settings") else "right")
         for r in self.rows + ([self.worst] if self.worst else []):
@@ -212,12 +218,17 @@ def _batches(x: Tensor, y: Tensor, batch_size: int) -> Iterable[tuple[Tensor, Te
         yield x[i:i + batch_size], y[i:i + batch_size]
 
 
+def precision_label(tf32: bool) -> str:
+    return "fp32, TF32 convolutions" if tf32 else "fp32"
+
+
 def correct_mask(model: nn.Module, x: Tensor, y: Tensor, attack: Attack | None = None,
-                 batch_size: int = 256, device: torch.device | str | None = None) -> Tensor:
-    """Per-image correctness (bool) of ``model`` on ``attack(model, x, y)`` (clean when ``attack`` is None)."""
+                 batch_size: int = 256, device: torch.device | str | None = None, tf32: bool = False) -> Tensor:
+    """Per-image correctness (bool) of ``model`` on ``attack(model, x, y)`` (clean when ``attack`` is None),
+    in fp32 (``tf32``: TF32 convolutions and matmuls allowed)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     out = []
-    with module_mode(model, "eval"), torch.autocast(device.type, enabled=False):
+    with module_mode(model, "eval"), torch.autocast(device.type, enabled=False), tf32_mode(tf32):
         for xb, yb in _batches(x, y, batch_size):
             xb, yb = xb.to(device).float().contiguous(), yb.to(device)  # AutoAttack views its gradients
             if attack is not None:
@@ -229,22 +240,22 @@ def correct_mask(model: nn.Module, x: Tensor, y: Tensor, attack: Attack | None =
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, attacks: dict[str, Attack], batch_size: int = 256,
              device: torch.device | str | None = None, on_row: Callable[[Row], None] | None = None,
-             subsets: dict[str, int] | None = None) -> Report:
+             subsets: dict[str, int] | None = None, tf32: bool = False) -> Report:
     """Clean accuracy and one row per attack, W-Robust each, and the per-image worst case over all rows.
 
     ``subsets`` runs the named (slow) attacks on the first k images only; their rows report clean and
     robust accuracy on those k images, and the worst case then covers those k images.
     """
     t0 = time.perf_counter()
-    clean = correct_mask(model, x, y, None, batch_size, device)
-    report = Report(n=len(y), meta={"clean_seconds": time.perf_counter() - t0})
+    clean = correct_mask(model, x, y, None, batch_size, device, tf32)
+    report = Report(n=len(y), meta={"clean_seconds": time.perf_counter() - t0, "tf32": tf32})
     all_robust = clean.clone()
     worst_n = len(y)
     for name, attack in attacks.items():
         k = min((subsets or {}).get(name, len(y)), len(y))
         worst_n = min(worst_n, k)
         t0 = time.perf_counter()
-        mask = correct_mask(model, x[:k], y[:k], attack, batch_size, device)
+        mask = correct_mask(model, x[:k], y[:k], attack, batch_size, device, tf32)
         clean_acc, robust = clean[:k].float().mean().item(), mask.float().mean().item()
         all_robust[:k] &= mask
         row = Row(name, describe(attack), clean_acc, robust, (clean_acc + robust) / 2, time.perf_counter() - t0, k)
@@ -259,61 +270,97 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, attacks: dict[str, Attack],
 
 
 def attack_cost(attack: Attack) -> float:
-    """Gradient passes per image, for time estimates: a PGD's steps; standard AutoAttack 8000, as measured on
-    an H200 (250 images in one chunk took 54 s, where PGD-20 ran 10,000 in 5.3 s). Its APGD-T, FAB-T and
-    Square run on the few images still robust, in small latency-bound batches, so larger chunks cost less per
-    image: the estimate errs long, and a row's own measured rate replaces it after its first chunk."""
+    """Gradient passes per image, for time estimates: a PGD's steps; standard AutoAttack about 2,000 (APGD-CE's
+    100 on every image, then APGD-T's 9 x 100, FAB-T's 9 x 100 and Square's 5,000 forwards on the ~45% of
+    images still robust for a model like ours). See :func:`attack_latency_steps` for its other, fixed part."""
     if isinstance(attack, AutoAttack):
-        return 8000.0
+        return 2000.0
     return float(getattr(attack, "steps", 1))
+
+
+def attack_latency_steps(attack: Attack) -> float:
+    """Sequential steps a chunk costs whatever its size, in units of one single-image gradient pass: the part
+    of an attack that is bound by launch latency, not arithmetic. Standard AutoAttack runs ~6,900 iterations
+    one after another (100 + 900 + 900 + 5,000), each about two bare passes' latency: on an H200, 250 images in
+    one chunk took 54 s where its arithmetic is ~13 s. PGD's large batches are arithmetic-bound: 0."""
+    return 13800.0 if isinstance(attack, AutoAttack) else 0.0
 
 
 class TimedEvaluation:
     """Rows of several models' tables, run in the order asked while the time ``left()`` allows.
 
-    The time of a row is predicted from the seconds per image and gradient pass measured so far; a row that
-    would not fit is skipped (``required=True`` runs it regardless). ``chunk`` runs a slow row in slices of
-    the first ``n`` images (a sequence: the largest size that still fits, then smaller ones), so it may stop
-    early and report the images it covered. fp32, eval mode.
+    The time of a row is predicted as arithmetic (its gradient passes per image, at the rate measured on the
+    rows run so far) plus latency (its sequential steps, at a single-image gradient pass's measured latency),
+    then scaled by how far the attack's own earlier chunks ran from that prediction. A row that would not fit
+    is skipped (``required=True`` runs it regardless). ``chunk`` runs a slow row in slices of the first ``n``
+    images (a sequence: the largest size that still fits, then smaller ones), so it may stop early and report
+    the images it covered. fp32 (``tf32``: TF32 convolutions, labelled so), eval mode.
     """
 
     def __init__(self, x: Tensor, y: Tensor, left: Callable[[], float], batch_size: int = 500,
-                 device: torch.device | str | None = None, margin_s: float = 5.0) -> None:
+                 device: torch.device | str | None = None, margin_s: float = 5.0, tf32: bool = False) -> None:
         self.x, self.y, self.left, self.batch_size, self.margin_s = x, y, left, batch_size, margin_s
-        self.device = device
+        self.device, self.tf32 = device, tf32
         self.reports: dict[str, Report] = {}
         self.skipped: list[str] = []
         self._clean: dict[str, Tensor] = {}
         self._guess_s: float | None = None  # seconds per image and gradient pass, guessed from the clean pass
         self._passes = [0.0, 0.0]  # seconds, image-passes of the gradient attacks run so far
-        self._per_attack: dict[int, tuple[Attack, list[float]]] = {}  # id -> (attack kept alive, [seconds, images])
+        self._latency_s: float | None = None  # one single-image gradient pass, measured when first needed
+        self._per_attack: dict[int, tuple[Attack, list[float]]] = {}  # id -> (attack kept alive, [seconds, predicted])
 
-    def predict(self, attack: Attack, n: int) -> float:
-        """Seconds for ``attack`` on ``n`` images: from its own measured rate, else from its cost in passes at
-        the rate the gradient attacks have run so far (before any, a guess from the clean pass)."""
-        own = self._per_attack.get(id(attack))
-        if own is not None:
-            return n * own[1][0] / own[1][1]
+    def _model_time(self, attack: Attack, n: int) -> float:
         seconds, passes = self._passes
         per_pass = seconds / passes if passes else (self._guess_s or 0.0)
-        return n * attack_cost(attack) * per_pass
+        return n * attack_cost(attack) * per_pass + attack_latency_steps(attack) * (self._latency_s or 0.0)
+
+    def predict(self, attack: Attack, n: int) -> float:
+        """Seconds for ``attack`` on ``n`` images: the cost model, scaled by the attack's own measured chunks."""
+        guess = self._model_time(attack, n)
+        own = self._per_attack.get(id(attack))
+        if own is not None and own[1][1] > 0:
+            return guess * own[1][0] / own[1][1]
+        return guess
+
+    def latency(self, model: nn.Module) -> float:
+        """Seconds of one gradient pass on a single image (the median of five, after two warm-ups)."""
+        if self._latency_s is None:
+            device = torch.device(self.device) if self.device is not None else next(model.parameters()).device
+            x = self.x[:1].to(device).float().requires_grad_(True)
+            times = []
+            with module_mode(model, "eval"), torch.autocast(device.type, enabled=False), tf32_mode(self.tf32):
+                for i in range(7):
+                    t0 = time.perf_counter()
+                    torch.autograd.grad(model(x).sum(), x)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    if i >= 2:
+                        times.append(time.perf_counter() - t0)
+            self._latency_s = sorted(times)[len(times) // 2]
+        return self._latency_s
 
     def clean(self, model_name: str, model: nn.Module) -> float:
         """Clean accuracy on all images (and the report the model's rows go into)."""
         t0 = time.perf_counter()
-        mask = correct_mask(model, self.x, self.y, None, self.batch_size, self.device)
+        mask = correct_mask(model, self.x, self.y, None, self.batch_size, self.device, self.tf32)
         seconds = time.perf_counter() - t0
         if self._guess_s is None:
             self._guess_s = 3 * seconds / max(len(self.y), 1)  # a gradient pass costs about three forwards
         self._clean[model_name] = mask
         acc = mask.float().mean().item()
-        self.reports[model_name] = Report(n=len(self.y), meta={"clean_seconds": seconds, "clean": acc})
+        self.reports[model_name] = Report(n=len(self.y), meta={"clean_seconds": seconds, "clean": acc,
+                                                               "tf32": self.tf32})
         return acc
 
     def row(self, model_name: str, model: nn.Module, name: str, attack: Attack, n: int | None = None,
-            chunk: int | Sequence[int] | None = None, required: bool = False) -> Row | None:
+            chunk: int | Sequence[int] | None = None, required: bool = False, tf32: bool | None = None) -> Row | None:
+        """One row; ``tf32`` overrides the evaluation's setting for this row (e.g. an fp32 check of a TF32
+        table), and the row's settings then say so."""
         n = min(n or len(self.y), len(self.y))
+        tf32 = self.tf32 if tf32 is None else tf32
         sizes = sorted({chunk} if isinstance(chunk, int) else set(chunk or [n]), reverse=True)
+        if attack_latency_steps(attack) and not required:
+            self.latency(model)
         done: list[Tensor] = []
         lo, t0 = 0, time.perf_counter()
         while lo < n:
@@ -321,9 +368,11 @@ class TimedEvaluation:
             if not fits:
                 break
             hi = min(lo + fits[0], n)
+            guess = self._model_time(attack, hi - lo)
             t1 = time.perf_counter()
             try:
-                done.append(correct_mask(model, self.x[lo:hi], self.y[lo:hi], attack, self.batch_size, self.device))
+                done.append(correct_mask(model, self.x[lo:hi], self.y[lo:hi], attack, self.batch_size, self.device,
+                                         tf32))
             except Exception as e:  # an optional row that breaks must not take the table with it
                 if required:
                     raise
@@ -331,8 +380,8 @@ class TimedEvaluation:
                 return None
             seconds = time.perf_counter() - t1
             own = self._per_attack.setdefault(id(attack), (attack, [0.0, 0.0]))[1]
-            own[0], own[1] = own[0] + seconds, own[1] + hi - lo
-            if not isinstance(attack, AutoAttack):  # its cost in passes is a rough guess: not a rate to learn from
+            own[0], own[1] = own[0] + seconds, own[1] + guess
+            if not attack_latency_steps(attack):  # latency-bound attacks are no measure of the arithmetic rate
                 self._passes[0] += seconds
                 self._passes[1] += (hi - lo) * attack_cost(attack)
             lo = hi
@@ -343,28 +392,30 @@ class TimedEvaluation:
         mask = torch.cat(done)
         clean_acc = self._clean[model_name][:k].float().mean().item()
         robust = mask.float().mean().item()
-        row = Row(name, describe(attack), clean_acc, robust, (clean_acc + robust) / 2, time.perf_counter() - t0, k)
+        settings = describe(attack) + (f" ({precision_label(tf32)})" if tf32 != self.tf32 else "")
+        row = Row(name, settings, clean_acc, robust, (clean_acc + robust) / 2, time.perf_counter() - t0, k)
         self.reports[model_name].rows.append(row)
         return row
 
 
 def clean_and_pgd(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], steps: int = 20,
-                  eps: float = 8 / 255, dist: Any = None) -> dict[str, float]:
-    """The training hook's check: clean and PGD_SAT-``steps`` accuracy over a loader (all ranks summed)."""
-    attack = PGD(eps, 2 / 255, steps, start="uniform")
+                  eps: float = 8 / 255, dist: Any = None, tf32: bool = True) -> dict[str, float]:
+    """The training hook's check: clean and PGD_SAT-``steps`` accuracy over a loader (all ranks summed);
+    ``steps=0``: clean accuracy only. It selects models, it reports no figure: TF32 allowed by default."""
+    attack = PGD(eps, 2 / 255, steps, start="uniform") if steps > 0 else None
     counts = torch.zeros(3, dtype=torch.float64)
     for xb, yb in loader:
         if len(yb):  # a rank's share of the last global batch can be empty
-            c = correct_mask(model, xb, yb, None, len(yb), xb.device).sum()
-            r = correct_mask(model, xb, yb, attack, len(yb), xb.device).sum()
-            counts += torch.tensor([c.item(), r.item(), len(yb)], dtype=torch.float64)
+            c = correct_mask(model, xb, yb, None, len(yb), xb.device, tf32).sum().item()
+            r = correct_mask(model, xb, yb, attack, len(yb), xb.device, tf32).sum().item() if attack else 0
+            counts += torch.tensor([c, r, len(yb)], dtype=torch.float64)
     if dist is not None and dist.enabled:  # every rank takes part, whatever its share
         device = next(model.parameters()).device
         counts = dist.sum(counts.to(device)).cpu()
     c, r, n = counts.tolist()
     if n == 0:
         return {}
-    return {"clean": c / n, "robust": r / n}
+    return {"clean": c / n, "robust": r / n} if attack is not None else {"clean": c / n}
 
 
 def eps_sweep(model: nn.Module, x: Tensor, y: Tensor, eps_values: Iterable[float], steps: int = 20,
@@ -378,5 +429,5 @@ def eps_sweep(model: nn.Module, x: Tensor, y: Tensor, eps_values: Iterable[float
 
 
 __all__ = ["SLOW_ROWS", "AutoAttack", "Report", "Row", "Square", "TimedEvaluation", "Transfer", "attack_cost",
-           "black_box_attacks", "clean_and_pgd", "correct_mask", "describe", "eps_sweep", "evaluate", "slow_subsets",
-           "standard_attacks"]
+           "attack_latency_steps", "black_box_attacks", "clean_and_pgd", "correct_mask", "describe", "eps_sweep",
+           "evaluate", "precision_label", "slow_subsets", "standard_attacks"]

@@ -13,7 +13,8 @@ place and visibly, each component that declares it allows it by a faster one of 
 
 What stays eager (a trainable teacher, a teacher read for its features, a user transform that is not
 graph-safe) is named once in the log. Graphs read the live student weights and BN buffers (updated in place)
-and draw their random starts from the graph-safe CUDA generator. On the CPU the recipe is left as written.
+and draw their random starts from the graph-safe CUDA generator. On the CPU the recipe is left as written,
+unless a ``capture`` that runs there is given (the tests pass an eager stand-in for the CUDA graph).
 """
 
 from __future__ import annotations
@@ -157,11 +158,12 @@ class FastTeacher(Teacher):
     """A frozen teacher whose forwards under autocast run a BN-folded low-precision copy (replayed from a CUDA
     graph with ``graphs``); fp32 forwards (evaluation) run the exact model."""
 
-    def __init__(self, teacher: Teacher, dtype: torch.dtype | None, graphs: bool = True, compile: bool = False) -> None:
+    def __init__(self, teacher: Teacher, dtype: torch.dtype | None, graphs: bool = True, compile: bool = False,
+                 capture: Callable[..., Any] = CapturedCall) -> None:
         super().__init__(teacher.model, name=teacher.name)
         fast = _fast_copy(teacher.model, dtype)
         self.fast = torch.compile(fast) if compile else fast
-        object.__setattr__(self, "_replay", CapturedCall(_no_grad(self.fast)) if graphs else None)
+        object.__setattr__(self, "_replay", capture(_no_grad(self.fast)) if graphs else None)
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_autocast_enabled(x.device.type):
@@ -221,28 +223,32 @@ class GraphedTransform(WrappedTransform):
 
 
 def accelerate(recipe: Recipe, precision: str = "bf16", graphs: bool = True, compile: bool = False,
-               log: Callable[[str], None] | None = None) -> list[str]:
+               log: Callable[[str], None] | None = None, capture: Callable[..., Any] | None = None) -> list[str]:
     """Replace the recipe's components by their fast versions on CUDA (see the module docstring); returns the
-    names of the components that stay eager (also logged once). On the CPU nothing changes.
+    names of the components that stay eager (also logged once). On the CPU nothing changes (unless ``capture``).
 
     ``graphs``: record attacks and teachers as CUDA graphs (off under SyncBatchNorm, whose collectives cannot
     be recorded). ``compile``: also ``torch.compile`` the attacked student view and the teachers' copies.
+    ``capture``: what records and replays a call (default :class:`CapturedCall`, a CUDA graph).
     """
     device = next(recipe.student.parameters()).device
-    if device.type != "cuda":
+    if device.type != "cuda" and capture is None:
         return []
+    capture = capture or CapturedCall
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     teachers, transforms, eager = plan(recipe, graphs)
+    fast_teachers = {id(t): FastTeacher(t, low, graphs=graphs, compile=compile, capture=capture) for t in teachers}
     folded = folded_eval(recipe.student) if transforms else None
     fast_transforms: dict[int, InputTransform] = {}
     for t in transforms:
         bound = t.model if t.model is not None else recipe.student
+        bound = fast_teachers.get(id(bound), bound)  # a teacher it attacks: after the swap, its fast version
         view, refresh = bound, None
         if t.model is None and folded is not None and t.bn_mode == "eval":
             view, refresh = folded, folded.refresh
         fast_transforms[id(t)] = GraphedTransform(t, bound, torch.compile(view) if compile else view, refresh,
-                                                  log=log)
-    _swap(recipe, {id(t): FastTeacher(t, low, graphs=graphs, compile=compile) for t in teachers}, fast_transforms)
+                                                  capture=capture, log=log)
+    _swap(recipe, fast_teachers, fast_transforms)
     if eager and log is not None:
         log(f"fast path: eager: {'; '.join(eager)}")
     return eager

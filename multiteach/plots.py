@@ -67,6 +67,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         e = [r["epoch"] for r in val]
         pgd = f"PGD-{_eval_pgd_steps(run_dir)}"
         for i, (key, label) in enumerate((("clean", "clean"), ("robust", pgd), ("w_robust", "W-Robust"))):
+            if f"val_{key}" not in val[0]:  # selected on clean accuracy: no attack was run
+                continue
             ax.plot(e, [100 * r[f"val_{key}"] for r in val], marker="o", ms=3, label=label, color=f"C{i}")
             if f"val_ema_{key}" in val[0]:  # the EMA weights, validated beside the raw ones
                 ax.plot(e, [100 * r[f"val_ema_{key}"] for r in val], ls="--", marker="x", ms=3, color=f"C{i}",

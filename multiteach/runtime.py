@@ -58,6 +58,20 @@ def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractC
     return torch.autocast(device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 tensor-core convolutions and matmuls (10-bit mantissa) on or off inside the block, restored after.
+
+    cuDNN runs fp32 convolutions in TF32 by default on Ampere and later GPUs, so a figure reported as fp32 must
+    turn it off; training and model selection may leave it on. No effect on the CPU."""
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -72,9 +86,9 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())  # generators take their state as a CPU byte tensor
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class StopFlag:
@@ -113,4 +127,4 @@ def stop_on_signals() -> Iterator[StopFlag]:
 
 
 __all__ = ["Precision", "StopFlag", "autocast", "resolve_device", "resolve_precision", "rng_state",
-           "seed_everything", "set_rng_state", "stop_on_signals"]
+           "seed_everything", "set_rng_state", "stop_on_signals", "tf32"]

@@ -107,7 +107,12 @@ class PGD(InputTransform):
     ``through``: ascend the KL to that module's output on the perturbed input (AdaAD, with ``objective="kl"``).
     """
 
-    graph_safe = True
+    @property
+    def graph_safe(self) -> bool:  # type: ignore[override]
+        """Recordable, unless the attacked model's mode is left as found (``bn_mode="keep"``: the mode at
+        recording would be replayed) or a subclass overrides ``observe`` (a side effect that a graph runs once)
+        without declaring ``graph_safe`` itself."""
+        return self.bn_mode != "keep" and type(self).observe is PGD.observe
 
     def __init__(
         self,

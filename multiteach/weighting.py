@@ -239,7 +239,7 @@ class RandomLossWeighting(Weighter):
         return self._gen.get_state()
 
     def set_extra_state(self, state: Tensor) -> None:
-        self._gen.set_state(state)
+        self._gen.set_state(state.cpu())
 
 
 def make_weighter(spec: str | dict | Weighter, n: int, **defaults: object) -> Weighter:

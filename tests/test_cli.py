@@ -126,17 +126,18 @@ def test_teacher_problems_are_named(tmp_path, trained, capsys):
     assert classes.returncode == 2 and "class count" in classes.stderr, classes.stderr
 
 
-def test_eval_prints_the_table_and_refuses_bad_checkpoints(tmp_path, trained):
+def test_eval_prints_the_table_and_refuses_bad_checkpoints(tmp_path, trained, capsys):
     r = cli("eval", str(trained / "best.pt"), "--synthetic", "--n", "64", "--attacks", "fgsm", "pgd_sat",
             "--out", str(tmp_path / "e.json"))
     assert r.returncode == 0, r.stderr
     assert "pgd_sat" in r.stdout and "worst case" in r.stdout and (tmp_path / "e.json").is_file()
-    wrong = cli("eval", str(trained / "best.pt"), "--synthetic", "--model", "cifar_resnet18", "--n", "8")
+    wrong = run_inprocess(capsys, "eval", str(trained / "best.pt"), "--synthetic", "--model", "cifar_resnet18",
+                          "--n", "8")
     assert wrong.returncode == 2 and "does not fit" in wrong.stderr
     torch.save({"student": {}, "hook": os.getcwd}, tmp_path / "evil.pt")  # a pickled callable
-    evil = cli("eval", str(tmp_path / "evil.pt"), "--synthetic", "--model", "cifar_resnet8")
+    evil = run_inprocess(capsys, "eval", str(tmp_path / "evil.pt"), "--synthetic", "--model", "cifar_resnet8")
     assert evil.returncode == 2 and "refused (weights_only=True)" in evil.stderr
-    unknown = cli("eval", str(trained / "best.pt"), "--synthetic", "--attacks", "nope")
+    unknown = run_inprocess(capsys, "eval", str(trained / "best.pt"), "--synthetic", "--attacks", "nope")
     assert unknown.returncode == 2 and "unknown attack 'nope': choose one of" in unknown.stderr
 
 

@@ -188,6 +188,31 @@ def test_validation_reports_raw_and_ema_and_best_pt_keeps_the_better(tmp_path):
         _assert_states_equal(ckpt["student"], live.state_dict())
 
 
+def test_selecting_on_clean_accuracy_runs_no_attack_and_natural_training_selects_so(tmp_path, monkeypatch):
+    """A natural teacher is chosen by clean accuracy: its validation runs no PGD (which would only cost time),
+    records no robust figure, and the log, the summary and the plots do without one."""
+    from multiteach.engine.runlog import epoch_line
+    from multiteach.plots import plot_run
+
+    def no_attack(*a, **k):
+        raise AssertionError("selecting on clean accuracy must not attack")
+
+    monkeypatch.setattr(mt.PGD, "perturb", no_attack)
+    val = TensorLoader(synthetic(32, seed=1), 32)
+    cfg = _cfg(epochs=2, eval_every=1, select="clean")
+    res = mt.Trainer(_natural(), _loader(), cfg, val_loader=val, run_dir=tmp_path).fit()
+    records = _epoch_records(tmp_path)
+    assert all("val_clean" in r and "val_ema_clean" in r and "val_robust" not in r for r in records)
+    best = max((r[f"{p}clean"], -r["epoch"], p) for r in records for p in ("val_", "val_ema_"))
+    assert res.best["score"] == res.best["clean"] == best[0] and "robust" not in res.best
+    assert "robust" not in epoch_line(records[0], ["ce"]) and "val clean" in epoch_line(records[0], ["ce"])
+    assert (tmp_path / "accuracy.png") in plot_run(tmp_path, tmp_path)
+
+    assert mt.ExperimentConfig(preset="natural").train.select == "clean"  # the preset's default ...
+    assert mt.ExperimentConfig(preset="natural", train={"select": "w_robust"}).train.select == "w_robust"  # ... or not
+    assert mt.ExperimentConfig(preset="sat").train.select == "w_robust"
+
+
 def test_best_pt_switches_between_raw_and_ema_by_w_robust(tmp_path, monkeypatch):
     """Scripted validation scores: epoch 1 raw wins, epoch 2 the EMA beats it, epoch 3 beats neither."""
     val = TensorLoader(synthetic(32, seed=1), 32)
@@ -343,6 +368,59 @@ def test_a_failing_optional_row_is_skipped_with_its_error_and_a_required_one_rai
         te.row("m", net, "boom3", Counted(_pgd(), fail_at=1), required=True)
     assert len(te.skipped) == 2
     assert te.row("m", net, "ok", Counted(_pgd())).n == 64  # the table goes on
+
+def test_a_latency_bound_attack_is_predicted_as_arithmetic_plus_fixed_steps_then_from_its_own_chunks(
+        net_and_data, monkeypatch):
+    """AutoAttack's cost: a fixed part (sequential steps at a single-image pass's latency) that a chunk pays
+    whatever its size, plus arithmetic per image; once a chunk ran, the prediction is scaled to match it."""
+    ev = importlib.import_module("multiteach.evaluation")
+    net, x, y = net_and_data
+    te = TimedEvaluation(x, y, left=lambda: 1e9, batch_size=64, margin_s=5.0)
+    te.clean("m", net)
+    te.row("m", net, "pgd", Counted(_pgd()))  # measures the arithmetic rate
+    seconds, passes = te._passes
+    slow = Counted(_pgd())
+    monkeypatch.setattr(ev, "attack_latency_steps", lambda a: 1000.0 if a is slow else 0.0)
+    latency = te.latency(net)
+    assert 0 < latency < 10
+    per_image = 2 * seconds / passes  # _pgd() takes 2 steps
+    assert te.predict(slow, 64) == pytest.approx(64 * per_image + 1000 * latency)
+    assert te.predict(slow, 16) == pytest.approx(16 * per_image + 1000 * latency)  # the fixed part stays
+    row = te.row("m", net, "slow", slow, n=32, chunk=32)
+    assert row is not None and row.n == 32 and slow.calls == 1
+    measured, guessed = te._per_attack[id(slow)][1]
+    assert guessed == pytest.approx(32 * per_image + 1000 * latency)
+    assert te._passes == [seconds, passes]  # a latency-bound row is no measure of the arithmetic rate
+    assert te.predict(slow, 32) == pytest.approx(measured)  # its own chunk replaces the guess
+    assert te.predict(slow, 64) == pytest.approx(measured * te._model_time(slow, 64) / guessed)
+
+
+def test_reported_figures_run_without_tf32_and_a_tf32_table_says_so(net_and_data):
+    """cuDNN runs fp32 convolutions in TF32 by default on recent GPUs: an fp32 figure must turn it off (and
+    restore the user's setting); a table that allows TF32 labels itself and its strict-fp32 check row."""
+    net, x, y = net_and_data
+    seen = []
+
+    def spy(model, xb, yb):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return xb
+
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    correct_mask(net, x, y, spy)
+    correct_mask(net, x, y, spy, tf32=True)
+    assert seen == [(False, False), (True, True)]
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+    assert mt.evaluate(net, x, y, {"spy": spy}).table().title.endswith("(fp32, eval mode)")
+    te = TimedEvaluation(x, y, left=lambda: 1e9, batch_size=64, tf32=True)
+    te.clean("m", net)
+    seen.clear()
+    te.row("m", net, "fast", spy)
+    te.row("m", net, "check", spy, tf32=False)
+    assert seen == [(True, True), (False, False)]
+    rows = te.reports["m"].rows
+    assert "(fp32)" in rows[1].settings and "fp32" not in rows[0].settings
+    assert "TF32 convolutions" in te.reports["m"].table().title
+
 
 
 # ----------------------------------------------------------------------------- 5. KL reduction option

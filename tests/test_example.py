@@ -36,15 +36,17 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
     two cached teachers and train only the third."""
     out, run_dir = tmp_path / "out", tmp_path / "ref"
     short = ["--nat-epochs", "2", "--adv-epochs", "1"]
-    proc = run_reference(out, run_dir, cifar_slice, 600, "--eval-n", "100", "--slow-n", "4", "--epochs", "2", *short)
+    proc = run_reference(out, run_dir, cifar_slice, 600, "--eval-n", "100", "--slow-n", "4", "--epochs", "2",
+                         "--eval-tf32", *short)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Test set, n = 100" in proc.stdout.split("stage times {")[-1]  # the table comes last
+    assert "Test set, n = 100 (fp32, TF32 convolutions" in proc.stdout.split("stage times {")[-1]  # the table, last
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all((out / f).stat().st_size < 16 * 2**20 for f in files)
     assert {"eval.json", "reference.log", "metrics.jsonl", "losses.png", "weights.png", "accuracy.png"} <= set(files)
     result = json.loads((out / "eval.json").read_text())
     rows = {r["attack"]: r for r in result["rows"]}
-    assert set(rows) == {"fgsm", "pgd_sat", "pgd_trades", "cw_inf", "autoattack"}
+    assert set(rows) == {"fgsm", "pgd_sat", "pgd_trades", "cw_inf", "autoattack", "pgd_sat_fp32"}
+    assert result["tf32"] and rows["pgd_sat_fp32"]["settings"].endswith("(fp32)") and rows["pgd_sat_fp32"]["n"] == 100
     assert rows["autoattack"]["n"] == 4 and rows["pgd_sat"]["n"] == 100
     for r in rows.values():
         assert 0 <= r["robust"] <= r["clean"] <= 1  # on the same images, an attack never helps

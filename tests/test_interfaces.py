@@ -262,16 +262,110 @@ def test_a_registered_dataset_is_read_by_the_config(tmp_path):
 
 # ----------------------------------------------------------------------------- acceleration, with fakes
 class FakeCapture:
-    """Stands in for CapturedCall on the CPU: counts recordings, calls the function eagerly."""
+    """Stands in for CapturedCall on the CPU: counts recordings and replays, calls the function eagerly."""
 
     made = 0
+    replays = 0
 
     def __init__(self, fn):
         FakeCapture.made += 1
         self.fn = fn
 
     def __call__(self, *args):
+        FakeCapture.replays += 1
         return self.fn(*args)
+
+
+def _accelerated_mtard(seed=0):
+    torch.manual_seed(seed)
+    recipe = mt.presets.mtard(tiny_net(seed=0), mt.Teacher(tiny_net(seed=1)), mt.Teacher(tiny_net(seed=2)), steps=2,
+                              start="uniform", reduction="batchmean")
+    eager = copy.deepcopy(recipe)
+    assert mt.fast.accelerate(recipe, "bf16") == []  # on the CPU nothing changes without a capture ...
+    assert type(recipe.branches[0].transform) is mt.PGD
+    mt.fast.accelerate(recipe, "bf16", capture=FakeCapture)  # ... with one, what CUDA gets
+    return recipe, eager
+
+
+def test_the_accelerated_recipe_trains_checkpoints_and_resumes(tmp_path):
+    """The CUDA fast path's whole wiring on the CPU, a fake standing in for the graph: the attack replays on the
+    BN-folded view refreshed from the live student, teachers run their bf16 folded copies and stay frozen, the
+    step agrees with the eager recipe's, and a run stopped after epoch 1 resumes to the same weights."""
+    from multiteach.fast import FastTeacher
+
+    recipe, eager = _accelerated_mtard()
+    g = recipe.branches[0].transform
+    assert isinstance(g, GraphedTransform) and isinstance(g.view, FoldedEval) and g.bound is recipe.student
+    assert all(isinstance(t, FastTeacher) for t in recipe.teachers)
+    assert recipe.branches[0].teacher is recipe.teachers[0] and recipe.branches[1].teacher is recipe.teachers[1]
+    x, y = batch(16)
+    with torch.autocast("cpu", torch.bfloat16):
+        torch.manual_seed(1)
+        fast_out = recipe(x, y)
+        torch.manual_seed(1)
+        eager_out = eager(x, y)
+    torch.testing.assert_close(fast_out.losses.float(), eager_out.losses.float(), rtol=0.05, atol=1e-3)
+
+    def run(epochs, run_dir):
+        r, _ = _accelerated_mtard()
+        frozen = [copy.deepcopy(t.model.state_dict()) for t in r.teachers]
+        loader = TensorLoader(synthetic(128), 32, shuffle=True, augment=True, drop_last=True, seed=0)
+        cfg = TrainConfig(epochs=epochs, batch_size=32, lr=0.05, milestones=[], progress=False, eval_every=1,
+                          eval_pgd_steps=1, precision="bf16", ema_decay=0.9, log_every=1)
+        res = mt.Trainer(r, loader, cfg, val_loader=TensorLoader(synthetic(32, seed=5), 32), run_dir=run_dir).fit()
+        for t, before in zip(r.teachers, frozen):
+            for k, v in t.model.state_dict().items():
+                assert torch.equal(v, before[k]), k
+        return r, res
+
+    FakeCapture.replays = 0
+    whole, res = run(2, tmp_path / "whole")
+    assert FakeCapture.replays >= 2 * 4 * 3  # 4 steps an epoch, the attack and both teachers replayed
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)
+    view = whole.branches[0].transform.view
+    whole.branches[0].transform(whole.student, x, y)  # a replay folds the live weights first
+    for conv, bn, folded in view.pairs:
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        torch.testing.assert_close(folded.weight, conv.weight * scale.view(-1, 1, 1, 1))
+    run(1, tmp_path / "cut")
+    resumed, res2 = run(2, tmp_path / "cut")
+    assert res2.epoch == 2
+    for k, v in whole.student.state_dict().items():
+        torch.testing.assert_close(resumed.student.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_an_attack_on_a_frozen_teacher_replays_its_graph_after_the_swap():
+    """PGD(model=teacher): after the swap the recipe hands the transform the FastTeacher, which must be the
+    model it replays for (not the original, which would run it eagerly every step)."""
+    teacher = mt.Teacher(tiny_net(seed=1))
+    pgd = mt.PGD(steps=2, model=teacher)
+    recipe = Recipe(tiny_net(seed=0), [Branch(pgd, KLDistill(), teacher=teacher)])
+    mt.fast.accelerate(recipe, "bf16", capture=FakeCapture)
+    g = recipe.branches[0].transform
+    assert isinstance(g, GraphedTransform) and g.bound is recipe.teachers[0] and g.model is recipe.teachers[0]
+    FakeCapture.replays = 0
+    x, y = batch()
+    with torch.autocast("cpu", torch.bfloat16):
+        recipe(x, y)
+    assert FakeCapture.replays == 2  # the attack's graph and the teacher's
+
+
+def test_what_a_graph_would_freeze_is_not_graph_safe():
+    """A PGD that leaves the model's mode as found would replay the recorded mode; one whose ``observe`` has
+    side effects would run them once, at recording: neither is recorded unless it says it is safe."""
+    class Observing(mt.PGD):
+        def observe(self, logits, y):
+            pass
+
+    class DeclaredSafe(Observing):
+        graph_safe = True
+
+    assert mt.PGD().graph_safe and not mt.PGD(bn_mode="keep").graph_safe
+    assert not Observing().graph_safe and DeclaredSafe().graph_safe
+    recipe = Recipe(tiny_net(), [Branch(mt.PGD(bn_mode="keep"), CrossEntropy(), name="a"),
+                                 Branch(Observing(), CrossEntropy(), name="b")])
+    _, transforms, eager = plan(recipe)
+    assert transforms == [] and len(eager) == 2 and all("not graph-safe" in e for e in eager)
 
 
 def test_a_graphed_transform_records_again_when_its_settings_change():

@@ -61,14 +61,15 @@ class Checkpointer:
             return None
         return atomic_save({"format": FORMAT, **state}, self.run_dir / name)
 
-    def load_last(self, device: torch.device | str) -> dict[str, Any] | None:
-        """last.pt if there is one, checked to be a multiteach training checkpoint."""
+    def load_last(self) -> dict[str, Any] | None:
+        """last.pt if there is one, checked to be a multiteach training checkpoint. Read onto the CPU: RNG
+        states must stay there, and every other state is copied to its module's device on loading."""
         path = self.last
         if path is None or not path.exists():
             return None
         if not path.is_file():
             raise CheckpointError(f"{path} is not a file: remove it (or use another run_dir) to start afresh")
-        ckpt = load_checkpoint(path, map_location=device)
+        ckpt = load_checkpoint(path, map_location="cpu")
         if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a multiteach training checkpoint: remove it, or use another "
                                   "run_dir")

@@ -158,7 +158,7 @@ class Trainer:
         return self.checkpoints.save(self._state(step_in_epoch), name)
 
     def _resume(self, force: bool) -> None:
-        ckpt = self.checkpoints.load_last(self.device)
+        ckpt = self.checkpoints.load_last()
         if ckpt is None:
             return
         path = self.checkpoints.last

@@ -116,9 +116,11 @@ def epoch_line(r: dict[str, Any], names: list[str]) -> str:
     if "L" in r:
         parts += [f"L_{n}={li:.4f} w_{n}={wi:.3f}" for n, li, wi in zip(names, r["L"], r["w"])]
     if "val_clean" in r:
-        parts.append(f"val clean {100 * r['val_clean']:.2f} robust {100 * r['val_robust']:.2f}")
+        robust = f" robust {100 * r['val_robust']:.2f}" if "val_robust" in r else ""
+        parts.append(f"val clean {100 * r['val_clean']:.2f}{robust}")
     if "val_ema_clean" in r:
-        parts.append(f"EMA {100 * r['val_ema_clean']:.2f} / {100 * r['val_ema_robust']:.2f}")
+        robust = f" / {100 * r['val_ema_robust']:.2f}" if "val_ema_robust" in r else ""
+        parts.append(f"EMA {100 * r['val_ema_clean']:.2f}{robust}")
     return " | ".join(parts)
 
 

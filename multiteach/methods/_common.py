@@ -17,7 +17,7 @@ WeighterSpec = Spec | Weighter
 
 def register(name: str, description: str, teachers: tuple[str, ...] = (), **schedule: Any) -> Any:
     """Register a preset: its one-line description, the teacher roles it takes (``adv`` -> ``adv_teacher``)
-    and its official training schedule (epochs, milestones)."""
+    and its official training schedule (epochs, milestones; any other TrainConfig default, e.g. ``select``)."""
     return PRESETS.register(name, description, teachers=teachers, schedule=schedule)
 
 

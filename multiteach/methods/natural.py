@@ -9,7 +9,7 @@ from ._common import ModelLike, as_student, register
 
 
 @register("natural", "cross-entropy on clean images (natural teachers, the 'Natural' row)", epochs=200,
-          milestones=(100, 150))
+          milestones=(100, 150), select="clean")
 def natural(student: ModelLike = "cifar_resnet18", *, num_classes: int = 10, label_smoothing: float = 0.0) -> Recipe:
     """Standard training: CE(S(x), y)."""
     return Recipe(as_student(student, num_classes), [Branch(Clean(), CrossEntropy(label_smoothing), name="ce")],
