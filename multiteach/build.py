@@ -11,7 +11,7 @@ from pydantic import ConfigDict, ValidationError, validate_call
 from rich.console import Console
 
 from .config import DataConfig, ExperimentConfig, ModelConfig
-from .data import Arrays, Files, Split, resize_arrays, split_validation, synthetic
+from .data import Arrays, Files, Images, Split, resize_arrays, split_validation, synthetic
 from .datasets import load_dataset
 from .distributed import DistContext
 from .loaders import decode, eval_crop, make_loader, resolve_augment
@@ -128,14 +128,14 @@ def build_trainer(cfg: ExperimentConfig, *, dist: DistContext | None = None, con
                    experiment=experiment, dist=dist, console=console)
 
 
-def eval_tensors(splits: Splits, n: int | None = None, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` test images as float NCHW in [0, 1] and labels (image files decoded by ``workers``
-    processes at ``splits.image_size``, centre-cropped as after ``splits.augment`` training)."""
+def eval_tensors(splits: Splits, n: int | None = None, workers: int | None = None) -> tuple[Images, torch.Tensor]:
+    """The first ``n`` test images (as :class:`~multiteach.data.Images`: uint8 in memory, float NCHW in [0, 1]
+    a batch at a time) and their labels; image files are decoded once by ``workers`` processes at
+    ``splits.image_size``, centre-cropped as after ``splits.augment`` training."""
     test = splits.test if n is None else splits.test.take(np.arange(min(n, len(splits.test))))
     if isinstance(test, Files):
         test = decode(test, int(splits.image_size or DEFAULT_FILE_IMAGE_SIZE), eval_crop(splits.augment), workers)
-    x = torch.from_numpy(test.x).permute(0, 3, 1, 2).contiguous().float().div(255)
-    return x, torch.from_numpy(test.y)
+    return Images(test.x), torch.from_numpy(test.y)
 
 
 __all__ = ["DEFAULT_FILE_IMAGE_SIZE", "Splits", "build_model", "build_recipe", "build_trainer", "eval_tensors",

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .data import Images
 from .registry import ATTACKS
 from .runtime import tf32 as tf32_mode
 from .transforms import PGD, module_mode
@@ -213,7 +214,7 @@ def describe(attack: Attack) -> str:
     return attack.describe() if hasattr(attack, "describe") else repr(attack)
 
 
-def _batches(x: Tensor, y: Tensor, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
+def _batches(x: Tensor | Images, y: Tensor, batch_size: int) -> Iterable[tuple[Tensor | Images, Tensor]]:
     for i in range(0, len(y), batch_size):
         yield x[i:i + batch_size], y[i:i + batch_size]
 
@@ -222,7 +223,7 @@ def precision_label(tf32: bool) -> str:
     return "fp32, TF32 convolutions" if tf32 else "fp32"
 
 
-def correct_mask(model: nn.Module, x: Tensor, y: Tensor, attack: Attack | None = None,
+def correct_mask(model: nn.Module, x: Tensor | Images, y: Tensor, attack: Attack | None = None,
                  batch_size: int = 256, device: torch.device | str | None = None, tf32: bool = False) -> Tensor:
     """Per-image correctness (bool) of ``model`` on ``attack(model, x, y)`` (clean when ``attack`` is None),
     in fp32 (``tf32``: TF32 convolutions and matmuls allowed)."""
@@ -238,7 +239,7 @@ def correct_mask(model: nn.Module, x: Tensor, y: Tensor, attack: Attack | None =
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, attacks: dict[str, Attack], batch_size: int = 256,
+def evaluate(model: nn.Module, x: Tensor | Images, y: Tensor, attacks: dict[str, Attack], batch_size: int = 256,
              device: torch.device | str | None = None, on_row: Callable[[Row], None] | None = None,
              subsets: dict[str, int] | None = None, tf32: bool = False) -> Report:
     """Clean accuracy and one row per attack, W-Robust each, and the per-image worst case over all rows.
@@ -297,7 +298,7 @@ class TimedEvaluation:
     the images it covered. fp32 (``tf32``: TF32 convolutions, labelled so), eval mode.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, left: Callable[[], float], batch_size: int = 500,
+    def __init__(self, x: Tensor | Images, y: Tensor, left: Callable[[], float], batch_size: int = 500,
                  device: torch.device | str | None = None, margin_s: float = 5.0, tf32: bool = False) -> None:
         self.x, self.y, self.left, self.batch_size, self.margin_s = x, y, left, batch_size, margin_s
         self.device, self.tf32 = device, tf32

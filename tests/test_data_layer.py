@@ -150,8 +150,11 @@ def test_imagefolder_splits_classes_and_sizes(folder):
     s = load_splits(DataConfig(dataset="imagefolder", data_dir=str(folder), val_size=6, image_size=24))
     assert (len(s.train), len(s.val), len(s.test), s.num_classes) == (24, 6, 12, 3)
     assert s.image_size == 24 and s.augment == "crop_flip"
-    x, y = eval_tensors(s, n=5, workers=0)
+    images, y = eval_tensors(s, n=5, workers=0)
+    assert images.x.dtype == np.uint8 and images.shape == (5, 3, 24, 24)  # held as decoded: no float copy
+    x = images.to("cpu")
     assert x.shape == (5, 3, 24, 24) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert torch.equal(images[1:3].to("cpu"), x[1:3]) and len(images[2:]) == 3
     assert torch.equal(y, torch.from_numpy(val.y[:5]))
     big = load_splits(DataConfig(dataset="imagefolder", data_dir=str(folder), val_size=0))
     assert big.image_size == 224 and big.augment == "resized_crop"  # ImageNet-style defaults

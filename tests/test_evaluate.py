@@ -108,3 +108,22 @@ def test_transfer_attack_is_crafted_on_the_surrogate(model_and_data):
     white = acc(net, x, y, PGD(8 / 255, 2 / 255, 5, start="none"))
     black = acc(net, x, y, transfer)
     assert calls and black >= white  # an untrained surrogate's examples transfer worse than white-box ones
+
+
+def test_images_held_as_uint8_evaluate_exactly_as_their_float_tensor(model_and_data):
+    """Test splits stay uint8 in memory (Images) and become floats a batch at a time: every row agrees with
+    the float tensor's, including rows on a first-k subset."""
+    from multiteach.data import Images, synthetic
+
+    net = model_and_data[0]
+    test = synthetic(N, seed=1)
+    images, y = Images(test.x), torch.from_numpy(test.y)
+    x = torch.from_numpy(test.x).permute(0, 3, 1, 2).contiguous().float() / 255
+    assert torch.equal(images.to("cpu"), x) and images.shape == x.shape
+    attacks = {"pgd": PGD(8 / 255, 2 / 255, 3, start="none"), "fgsm": FGSM(8 / 255)}
+    a = evaluate(net, images, y, attacks, batch_size=50, subsets={"fgsm": 70})
+    b = evaluate(net, x, y, attacks, batch_size=50, subsets={"fgsm": 70})
+    assert a.to_dict()["rows"] == [dict(r, seconds=ra["seconds"]) for r, ra in zip(b.to_dict()["rows"],
+                                                                                 a.to_dict()["rows"])]
+    with pytest.raises(TypeError, match="sliced"):
+        images[3]
