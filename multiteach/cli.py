@@ -176,6 +176,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
     from .presets import PRESETS
 
     def schedule(s: dict[str, Any]) -> str:
+        if s.get("schedule") == "cosine":
+            hold = f" after {s['hold_epochs']:g}" if s.get("hold_epochs") else ""
+            return f"{s.get('epochs', '?')} ep, cosine{hold}"
         return f"{s.get('epochs', '?')} ep, x0.1 at {','.join(map(str, s.get('milestones', ()))) or '-'}"
 
     rows = [(name, ",".join(info.teachers) or "-", schedule(info.schedule), info.description)

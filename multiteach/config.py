@@ -36,6 +36,8 @@ class TrainConfig(_Strict):
     milestones: list[int] = Field(default_factory=lambda: [215, 260, 285])
     gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: float = Field(0.0, ge=0)
+    hold_epochs: float = Field(0.0, ge=0, description="cosine only: epochs at the base LR after the warm-up, before "
+                                                      "the decay starts (CIARD: 150 of 300)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool | None = Field(None, description="default: on for CUDA")
     compile: bool = False
@@ -255,6 +257,8 @@ class ExperimentConfig(_Strict):
         if d["train"]["optimizer"] == "sgd" and not d["train"]["optimizer_options"]:  # digests of runs written
             del d["train"]["optimizer"], d["train"]["optimizer_options"]  # before these fields existed still match
         d["data"].pop("workers", None)  # how fast data is decoded, not what it is
+        if d["train"].get("hold_epochs") == 0:  # at its default, a newer field leaves older digests as they were
+            d["train"].pop("hold_epochs")
         for key, default in (("image_size", None), ("augment", "auto"), ("loader", "auto")):
             if d["data"].get(key) == default:  # at their defaults, newer fields leave older digests as they were
                 d["data"].pop(key, None)

@@ -136,7 +136,15 @@ def test_the_temperatures_stop_at_epoch_214_and_the_clock_is_checkpointed(nets):
 
 def test_official_settings():
     entry = PRESETS["ciard"]
-    assert entry.teachers == ("adv", "nat") and entry.schedule == {"epochs": 300, "milestones": (215, 260, 285)}
+    assert entry.teachers == ("adv", "nat") and entry.schedule == {"epochs": 300, "schedule": "cosine",
+                                                                   "hold_epochs": 150, "milestones": ()}
+    teachers = {r: {"model": "cifar_resnet8"} for r in entry.teachers}
+    cfg = mt.ExperimentConfig(preset="ciard", teachers=teachers).train  # the code's LR: 0.1 to 150, cosine to 300
+    code = [0.1 if e < 150 else 0.1 * (0.5 + math.cos(math.pi * (e - 150) / 150) / 2)
+            * math.exp(-0.01 * ((e - 150) / 150) ** 2) for e in range(300)]
+    ours = [cfg.lr * cfg.lr_factor(e) for e in range(300)]
+    assert ours[:150] == [0.1] * 150 and ours[-1] < 1e-4
+    assert max(abs(a - b) for a, b in zip(ours, code)) < 0.001  # the exp factor: at most 1% of the LR
     adv_net = tiny_net(seed=1)
     recipe = entry.fn(tiny_net(seed=0), mt.Teacher(adv_net), mt.Teacher(tiny_net(seed=2)))
     robust, clean = recipe.teachers
