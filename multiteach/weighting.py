@@ -52,7 +52,10 @@ def _as_losses(losses: Sequence[float] | Tensor, n: int, device: torch.device) -
 
 class Weighter(nn.Module):
     """Base class. Batch-level formulas implement ``update``; per-sample ones override ``weigh``; those whose
-    total is not a weighted sum (uncertainty weighting) override ``combine``."""
+    total is not a weighted sum (uncertainty weighting) override ``combine``. Weights are constants of the
+    step unless ``differentiable`` (CA-MKD's feature weights, which its code back-propagates through)."""
+
+    differentiable: bool = False
 
     def __init__(self, n: int) -> None:
         super().__init__()
@@ -78,13 +81,15 @@ class Weighter(nn.Module):
         ``reported`` is (N,): W itself, or its mean over the batch for per-sample weights."""
         if self.device != losses.device:
             self.to(losses.device)
-        w = self.weigh(ctx).detach()
+        w = self.weigh(ctx)
+        if not self.differentiable:
+            w = w.detach()
         if w.dim() == 1:
-            return (w.to(losses.dtype) * losses.mean(1)).sum(), w
+            return (w.to(losses.dtype) * losses.mean(1)).sum(), w.detach()
         if w.shape != losses.shape:
             raise ValueError(f"{type(self).__name__} returned weights of shape {tuple(w.shape)} for losses of "
                              f"shape {tuple(losses.shape)}: return (N,) or (N, B)")
-        return (w.to(losses.dtype) * losses).mean(1).sum(), w.float().mean(1)
+        return (w.to(losses.dtype) * losses).mean(1).sum(), w.detach().float().mean(1)
 
     def on_lr(self, ratio: float) -> None:
         """Called each step with lr / base_lr: weighters whose own rate follows the schedule use it."""

@@ -149,7 +149,7 @@ def test_ca_mkd_weighs_kd_and_features_by_teacher_confidence_as_its_code(student
         proj = F.relu(F.batch_norm(F.conv2d(r, p[0], p[1]), None, None, p[2], p[3], training=True, eps=eps))
         mse.append((proj.double() - f_t.double()).pow(2).flatten(1).mean(1))
         head_ce.append(ce_rows(t.get_classifier()(proj.mean((2, 3))), y))  # the teacher's head on the student
-    v = ((1.0 - torch.softmax(torch.stack(head_ce), 0)) / 2).detach()
+    v = (1.0 - torch.softmax(torch.stack(head_ce), 0)) / 2  # with its gradient, as the code
     mse = torch.stack(mse)
     ce = ce_rows(z, y)
     want = ce.mean() + (w * kd).sum() / (len(y) * 3) + 50 * (v * mse).sum() / (len(y) * 3)
@@ -157,9 +157,10 @@ def test_ca_mkd_weighs_kd_and_features_by_teacher_confidence_as_its_code(student
     torch.testing.assert_close(out.losses, torch.cat([ce.mean()[None], kd.mean(1), mse.mean(1)]).float(),
                                rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out.weights.double(), torch.cat([torch.ones(1, dtype=torch.float64),
-                                                                w.mean(1) / 3, 50 * v.mean(1) / 3]),
+                                                                w.mean(1) / 3, 50 * v.detach().mean(1) / 3]),
                                rtol=1e-5, atol=1e-7)
-    # the gradient: the weights are constants; the projectors train with the student; the teachers get none
+    # the gradient: through the feature weights v too (the KD weights w come from frozen teachers); the
+    # projectors train with the student; the teachers get none
     want.backward()
     for mine, hand in zip(recipe.student.parameters(), student.parameters()):
         torch.testing.assert_close(mine.grad, hand.grad, rtol=1e-4, atol=1e-6)

@@ -73,7 +73,8 @@ class ConfidenceWeights(Weighter):
         w_kb = (1 - softmax_k(CE_kb)) / (n - 1),     CE_kb = CE(T_k(x_b), y_b)     (they sum to 1)
 
     ``scores``: modules whose ``teacher_ce`` (B,) replaces CE_kb (:class:`ConfidenceHint`: CA-MKD's feature
-    term scores each teacher's head on the student's projected feature)."""
+    term scores each teacher's head on the student's projected feature); those weights are differentiable,
+    as in the code, which back-propagates the weighted sum through them into the projectors and the student."""
 
     def __init__(self, n: int, scores: Sequence[nn.Module] | None = None) -> None:
         super().__init__(n)
@@ -82,6 +83,7 @@ class ConfidenceWeights(Weighter):
         if scores is not None and len(scores) != n:
             raise ValueError(f"ConfidenceWeights has {len(scores)} scores for {n} branches")
         self.scores = tuple(scores) if scores is not None else None  # a tuple: not registered (not its state)
+        self.differentiable = scores is not None
 
     def weigh(self, ctx: StepContext) -> Tensor:
         if self.scores is not None:
@@ -204,6 +206,7 @@ class Groups(Weighter):
             if type(g.weighter).combine is not Weighter.combine:
                 raise ValueError(f"{type(g.weighter).__name__} combines its losses itself: it cannot be a group")
         self.parts = nn.ModuleList([g.weighter for g in groups])
+        self.differentiable = any(g.weighter.differentiable for g in groups)
         self.scales = [float(g.scale) for g in groups]
         self.from_epochs = [int(g.from_epoch) for g in groups]
 
@@ -212,7 +215,9 @@ class Groups(Weighter):
         for w, scale, from_epoch in zip(self.parts, self.scales, self.from_epochs):
             part = slice(start, start + w.n)
             sub = StepContext(ctx.losses[part], ctx.y, ctx.student[part], ctx.targets[part], ctx.epoch, ctx.sync)
-            out.append(w.weigh(sub).float() * (scale if ctx.epoch >= from_epoch else 0.0))
+            weights = w.weigh(sub).float()
+            out.append((weights if w.differentiable else weights.detach()) * (scale if ctx.epoch >= from_epoch
+                                                                                 else 0.0))
             start += w.n
         if any(o.dim() == 2 for o in out):
             batch = ctx.losses.shape[1]
@@ -281,9 +286,9 @@ class ConfidenceHint(nn.Module):
         L_b = mean over (C, H, W) of (proj(f_S) - f_T)^2
 
     The teacher's head (global pooling + its classifier) on the projected student feature gives
-    CE(head_T(proj(f_S)), y) per sample, kept (detached) in ``teacher_ce``: what :class:`ConfidenceWeights`
-    turns into this teacher's feature weight. ``student_relu`` / ``teacher_relu``: the captured layer is a final
-    BN whose ReLU the model applies functionally (see :func:`final_feature`)."""
+    CE(head_T(proj(f_S)), y) per sample, kept (with its gradient) in ``teacher_ce``: what
+    :class:`ConfidenceWeights` turns into this teacher's feature weight. ``student_relu`` / ``teacher_relu``:
+    the captured layer is a final BN whose ReLU the model applies functionally (see :func:`final_feature`)."""
 
     def __init__(self, student_channels: int, teacher_channels: int, classifier: nn.Module,
                  student_relu: bool = False, teacher_relu: bool = False) -> None:
@@ -307,8 +312,7 @@ class ConfidenceHint(nn.Module):
             raise ValueError("ConfidenceHint needs a teacher feature on its branch (set the branch's teacher_layer)")
         t = F.relu(teacher_feature) if self.teacher_relu else teacher_feature
         s = self.project(student_feature, (t.shape[2], t.shape[3]))
-        with torch.no_grad():
-            self.teacher_ce = F.cross_entropy(_head(self._classifier[0], s, False).float(), y, reduction="none")
+        self.teacher_ce = F.cross_entropy(_head(self._classifier[0], s, False).float(), y, reduction="none")
         return (s.float() - t.float()).pow(2).flatten(1).mean(1)
 
 
@@ -439,10 +443,10 @@ def ca_mkd(student: ModelLike = "cifar_resnet18", t1_teacher: ModelLike | None =
     others), proj_k its ``Embed`` (1x1 conv + BN + ReLU after resizing to the teacher's map), head_k the
     teacher's global pooling + classifier. Where the code departs from the paper's formulas it is followed: the
     weighted sums are divided by K (``.sum() / (bsz * teacher_num)``), and the feature term is left out in the
-    first epoch (``if epoch == 1``; ``feature_from_epoch``). Two details are not reproduced: the code lets
-    gradients flow through v (weights are constants here, as every weighter's), and it resizes the student map
-    in place, so a teacher reads the map resized for the previous one (only different when the teachers' maps
-    differ in size; its runs use three ResNet32x4)."""
+    first epoch (``if epoch == 1``; ``feature_from_epoch``), and the gradient flows through v as well (into the
+    projectors and the student, through the teachers' frozen heads). One detail is not reproduced: the code
+    resizes the student map in place, so a teacher reads the map resized for the previous one (only different
+    when the teachers' maps differ in size; its runs use three ResNet32x4)."""
     return ca_mkd_teachers(student, [t1_teacher, t2_teacher, t3_teacher], num_classes=num_classes,
                            temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight,
                            feature_weight=feature_weight, feature_from_epoch=feature_from_epoch,
