@@ -5,6 +5,7 @@
     python examples/mtard_cifar.py --adv-teacher adv.pt --nat-teacher nat.pt --data-dir ...
     python examples/mtard_cifar.py --tiny --data-dir ...                    # CPU smoke run, about a minute
     python examples/mtard_cifar.py --plan speedrun --budget 540 --data-dir ...  # everything in 9 minutes
+    python examples/mtard_cifar.py --plan paper --data-dir ...              # the paper's protocol (hours)
 
 Stages: natural teacher -> adversarial teacher -> student (MTARD by default, --preset picks another) ->
 evaluation table and plots. Teachers are trained once into a cache keyed by recipe and seed (--teacher-cache)
@@ -31,7 +32,7 @@ from rich.console import Console
 
 from multiteach.budget import TimeBudget
 from multiteach.build import eval_tensors, load_splits
-from multiteach.config import DataConfig
+from multiteach.config import DataConfig, ExperimentConfig
 from multiteach.distributed import DistContext
 from multiteach.evaluation import (
     AutoAttack,
@@ -96,7 +97,20 @@ SPEEDRUN = {
                "exit_margin_s": 8},
     "eval_tf32": True,
 }
-PLANS = {"full": FULL, "tiny": TINY, "speedrun": SPEEDRUN}
+# PAPER: the MTARD paper's protocol on CIFAR-10, for users with the time (hours on one GPU): a ResNet-56 natural
+# teacher and a TRADES WRN-34-10 adversarial teacher (the paper loads RobustBench's Zhang2019Theoretically;
+# --adv-teacher gives one), the ResNet-18 student with every MTARD setting as published (PGD-10 from
+# x + 0.001 N, KL averaged over batch x classes, ANL beta 1 / r_w 0.025, 300 epochs, x0.1 at 215, 260, 285);
+# each stage its preset's official schedule, batch 128, SGD lr 0.1. No EMA, no time budget.
+PAPER = {
+    "nat": dict(model="cifar_resnet56", preset="natural", epochs=None, options={}),
+    "adv": dict(model="cifar_wrn34_10", preset="trades", epochs=None, options={}),
+    "l2": dict(model="cifar_resnet18", preset="sat", epochs=None, options={"norm": "L2", "eps": 0.5, "alpha": 0.1}),
+    "student": dict(model="cifar_resnet18", epochs=None, options={}),
+    "train": dict(batch_size=128, lr=0.1),
+    "val_size": 1000, "train_size": None, "eval_n": None,
+}
+PLANS = {"full": FULL, "tiny": TINY, "speedrun": SPEEDRUN, "paper": PAPER}
 DEFAULT_BUDGET = {"shares": {"nat": 0.15, "adv": 0.35, "student": 0.5}, "eval_reserve_s": 240, "autoattack_n": 1000,
                   "exit_margin_s": 8}
 
@@ -114,7 +128,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nat-epochs", type=int, help="natural teacher epochs")
     p.add_argument("--adv-epochs", type=int, help="adversarial teacher epochs")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run on a small slice, tiny models (= --plan tiny)")
-    p.add_argument("--plan", choices=sorted(PLANS), help="full (default), speedrun (for --budget) or tiny")
+    p.add_argument("--plan", choices=sorted(PLANS), help="full (default: ResNet-18 teachers, 20/30/40 epochs), "
+                   "paper (the paper's protocol: hours), speedrun (for --budget) or tiny")
     p.add_argument("--budget", type=float, help="wall-clock seconds for the whole run, table included")
     p.add_argument("--started-at", type=float,
                    help="Unix time the budget counts from (default: now; benchmarks/reference.sh passes its start)")
@@ -153,13 +168,17 @@ class Pipeline:
         run_dir = Path(args.run_dir)
         self.cache = Path(args.teacher_cache) if args.teacher_cache else run_dir.parent / "teachers"
         self.timings: dict[str, float] = {}
+        self.origins: dict[str, str] = {}  # per teacher role: the preset that trained it, or "given"
         self.environment = environment()
         console.log(" | ".join(f"{k} {v}" for k, v in self.environment.items()))
 
     def _train(self, role: str, defaults: dict | None = None, **overrides) -> dict:
-        """The stage's TrainConfig fields: defaults < the plan's < the role's < overrides (+ its time budget)."""
+        """The stage's TrainConfig fields: defaults < the plan's < the role's < overrides (+ its time budget);
+        epochs left None take the preset's official schedule."""
         a = self.args
         train = {**(defaults or {}), **self.plan["train"], **self.plan[role].get("train", {}), **overrides}
+        if train.get("epochs") is None:
+            train.pop("epochs", None)
         if self.budget is not None and role in self.budget.shares:
             train["time_budget_s"] = self.budget.allot(role)
         return dict(train, precision=a.precision, device=a.device, seed=a.seed, progress=not a.quiet)
@@ -171,31 +190,42 @@ class Pipeline:
             console.log(f"[bold]stage {role}[/]: {self.timings[key]:.1f} s (allotted {self.budget.allotted[role]:.1f}"
                         f" s); {self.budget.left():.0f} s of the budget left")
 
+    def teacher_config(self, role: str, model: str | None = None, epochs: int | None = None) -> ExperimentConfig:
+        """The config that trains the plan's ``role`` teacher."""
+        spec = self.plan[role]
+        wd = {"weight_decay": 5e-4 if spec["preset"] == "natural" else 2e-4}
+        return stage_config(spec["preset"], model or spec["model"], self.data, "unused", options=spec["options"],
+                            **self._train(role, wd, epochs=epochs or spec["epochs"]))
+
     def teacher(self, role: str, checkpoint: str | None = None, model: str | None = None,
                 epochs: int | None = None) -> tuple[str, str]:
         """(timm name, checkpoint) of a teacher: the given file, or the cached (trained once) one."""
-        spec = self.plan[role]
-        model = model or spec["model"]
+        model = model or self.plan[role]["model"]
         if checkpoint is None:
             t0 = time.perf_counter()
-            wd = {"weight_decay": 5e-4 if spec["preset"] == "natural" else 2e-4}
-            cfg = stage_config(spec["preset"], model, self.data, "unused", options=spec["options"],
-                               **self._train(role, wd, epochs=epochs or spec["epochs"]))
+            cfg = self.teacher_config(role, model, epochs)
             checkpoint = str(train_cached(cfg, self.cache, self.splits, console=console, dist=self.dist))
             self._finish(role, f"{role}_teacher_s", t0)
-        elif self.budget is not None and role in self.budget.shares:
-            self.budget.skip(role)
+            self.origins[role] = self.plan[role]["preset"].upper()
+        else:
+            self.origins[role] = "given"
+            if self.budget is not None and role in self.budget.shares:
+                self.budget.skip(role)
         return model, checkpoint
 
-    def student(self, preset: str, teachers: dict[str, tuple[str, str]], options: dict | None = None) -> Path:
+    def student_config(self, preset: str, teachers: dict[str, tuple[str, str]],
+                       options: dict | None = None) -> ExperimentConfig:
+        """The config that trains the student of ``preset`` from ``teachers``."""
         spec, a = self.plan["student"], self.args
-        model = a.student or spec["model"]
-        t0 = time.perf_counter()
         accepted = get_preset(preset).options()  # the plan's attack steps, where the preset takes them
         plan_options = {k: v for k, v in spec["options"].items() if k in accepted}
-        cfg = stage_config(preset, model, self.data, Path(a.run_dir) / preset,
-                           options={**plan_options, **(options or {})}, teachers=teachers,
-                           **self._train("student", epochs=a.epochs or spec["epochs"], compile=a.compile))
+        return stage_config(preset, a.student or spec["model"], self.data, Path(a.run_dir) / preset,
+                            options={**plan_options, **(options or {})}, teachers=teachers,
+                            **self._train("student", epochs=a.epochs or spec["epochs"], compile=a.compile))
+
+    def student(self, preset: str, teachers: dict[str, tuple[str, str]], options: dict | None = None) -> Path:
+        t0 = time.perf_counter()
+        cfg = self.student_config(preset, teachers, options)
         best = train_stage(cfg, self.splits, console=console, dist=self.dist)
         self._finish("student", f"{preset}_s", t0)
         return best
@@ -224,9 +254,9 @@ class Pipeline:
 
 
     def reference_table(self, preset: str, best: Path, teachers: dict[str, tuple[str, str]]) -> dict:
-        """The student's table beside its adversarial teacher's (a SAT model: the paper's MTARD vs SAT row)
-        and the natural teacher's clean accuracy, on the test set; rows run in priority order while the
-        budget lasts. Saved as eval.json beside the student's checkpoint; the table is printed last."""
+        """The student's table beside its adversarial teacher's (the speedrun's is a SAT model: the paper's MTARD
+        vs SAT row) and the natural teacher's clean accuracy, on the test set; rows run in priority order while
+        the budget lasts. Saved as eval.json beside the student's checkpoint; the table is printed last."""
         from multiteach.checkpoint import load_checkpoint
 
         a = self.args
@@ -241,8 +271,8 @@ class Pipeline:
         label = f"{preset} student ({student_name}, {picked.get('weights', 'raw')} weights, epoch {picked['epoch']})"
         models = {label: load_model(student_name, best, self.splits.num_classes).to(device)}
         if "adv" in teachers:
-            models[f"adv teacher ({teachers['adv'][0]}, SAT)"] = load_model(*teachers["adv"],
-                                                                           self.splits.num_classes).to(device)
+            label = f"adv teacher ({teachers['adv'][0]}, {self.origins.get('adv', 'given')})"
+            models[label] = load_model(*teachers["adv"], self.splits.num_classes).to(device)
         student, *rest = models
         t0 = time.perf_counter()
         rows = standard_attacks()
@@ -329,7 +359,7 @@ def plot(run_dir: Path) -> None:
         console.log(f"plots failed: {type(e).__name__}: {e}")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.add_argument("--adv-teacher", help="adversarial teacher checkpoint (skips its training)")
@@ -337,7 +367,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--nat-teacher", help="natural teacher checkpoint (skips its training)")
     p.add_argument("--nat-arch", help="its timm name (default: the plan's)")
     p.add_argument("--preset", default="mtard", help="student recipe: mtard, bmtard, rslad, ard, baseline_mt, ...")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
     run = Pipeline(args)
     need = get_preset(args.preset).teachers
     teachers = {"nat": run.teacher("nat", args.nat_teacher, args.nat_arch, args.nat_epochs),

@@ -95,3 +95,27 @@ def test_reference_wrapper_out_of_time_still_ends_with_an_evaluated_student(cifa
     assert [r["attack"] for r in result["rows"]] == ["pgd_sat"]
     assert result["skipped"] and all(s["spent_s"] > 0 for s in result["budget"]["stages"].values())
     assert "Test set, n = 32" in proc.stdout
+
+
+def test_the_paper_plan_trains_every_stage_with_its_official_settings(cifar_slice, tmp_path):
+    """--plan paper: ResNet-56 natural and TRADES WRN-34-10 teachers and the ResNet-18 MTARD student, each with
+    its preset's official schedule and MTARD's published settings (checked on the configs; training takes hours)."""
+    example = load("mtard_cifar")
+    run = example.Pipeline(example.parser().parse_args(
+        ["--plan", "paper", "--data-dir", str(cifar_slice), "--run-dir", str(tmp_path / "runs")]))
+    nat, adv = run.teacher_config("nat"), run.teacher_config("adv")
+    assert (nat.preset, nat.student.model, adv.preset, adv.student.model) == (
+        "natural", "cifar_resnet56", "trades", "cifar_wrn34_10")
+    assert (nat.train.epochs, nat.train.milestones, nat.train.select) == (200, [100, 150], "clean")
+    assert (adv.train.epochs, adv.train.milestones, adv.train.weight_decay) == (76, [75], 2e-4)
+    for name in ("a.pt", "n.pt"):  # teachers' checkpoints must exist (their contents are read at training)
+        (tmp_path / name).write_bytes(b"")
+    student = run.student_config("mtard", {"adv": ("cifar_wrn34_10", str(tmp_path / "a.pt")),
+                                           "nat": ("cifar_resnet56", str(tmp_path / "n.pt"))})
+    t = student.train
+    assert (student.student.model, t.epochs, t.milestones, t.batch_size, t.lr, t.weight_decay, t.momentum) == (
+        "cifar_resnet18", 300, [215, 260, 285], 128, 0.1, 2e-4, 0.9)
+    assert t.ema_decay is None and t.time_budget_s is None and t.schedule == "piecewise"
+    recipe = example.get_preset("mtard").fn("cifar_resnet8", "cifar_resnet8", "cifar_resnet8", **student.options)
+    pgd = recipe.branches[0].transform
+    assert (pgd.steps, pgd.start, pgd.alpha) == (10, "normal", 2 / 255) and recipe.branches[0].loss.reduction == "mean"

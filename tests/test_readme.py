@@ -19,9 +19,9 @@ SKIPPED = {
     "python3 -m venv .venv": "installs packages (needs the network); the suite itself is what it runs",
     "bash benchmarks/reference.sh OUT_DIR": "the 9-minute GPU reference run; tests/test_example.py runs it in "
                                             "its tiny plan",
-    "python examples/mtard_cifar.py --data-dir DIR        # DIR holds": "the paper's full protocol (hours on a "
-                                                                         "GPU); tests/test_example.py runs the "
-                                                                         "examples in their tiny mode",
+    "python examples/mtard_cifar.py --plan paper --data-dir DIR": "the paper's full protocol (hours on a GPU); "
+                                                                  "tests/test_example.py checks its configs and "
+                                                                  "runs the examples in their tiny mode",
     "torchrun --nproc_per_node 8 examples/mtard_cifar.py": "8 GPUs and 2 nodes; tests/test_distributed.py runs the "
                                                            "launch line with 2 gloo processes on the CPU",
     "#SBATCH --nodes=2": "a SLURM cluster",
