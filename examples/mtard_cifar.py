@@ -79,7 +79,7 @@ TINY = {
 # Run 1 (RESULTS.md) left the student 4.7 PGD points under its teacher: its attack now starts uniformly in the
 # ball, as the teacher's SAT attack does. The evaluation reserve holds both models' rows (~41 s on an H200) and
 # AutoAttack on 1,000 images (54 s per 250-image chunk there; chunks of 1,000, 500 or 250, whichever fits).
-# The table runs with TF32 convolutions (cuDNN's default, as run 1 did without saying so): in strict fp32 the
+# The table runs with TF32 allowed (cuDNN's default, as run 1 did without saying so): in strict fp32 the
 # rows and AutoAttack's arithmetic take longer than the reserve holds. One check row, the student's PGD_SAT on
 # the first 1,000 images in strict fp32, shows what TF32 changes; the table's title says which.
 SPEEDRUN = {
@@ -141,7 +141,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-n", type=int, help="evaluate on the first n test images (default: all)")
     p.add_argument("--autoattack", action="store_true", help="add standard AutoAttack to the table")
     p.add_argument("--eval-tf32", action=argparse.BooleanOptionalAction, default=None,
-                   help="the reference table with TF32 convolutions (and one strict-fp32 check row); default: the "
+                   help="the reference table with TF32 allowed (and one strict-fp32 check row); default: the "
                         "plan's (speedrun: on)")
     p.add_argument("--black-box", action="store_true", help="add transfer (from the adversarial teacher) and Square")
     p.add_argument("--slow-n", type=int, help="run AutoAttack and the black-box rows on the first n images only")
@@ -171,6 +171,11 @@ class Pipeline:
         self.origins: dict[str, str] = {}  # per teacher role: the preset that trained it, or "given"
         self.environment = environment()
         console.log(" | ".join(f"{k} {v}" for k, v in self.environment.items()))
+
+    @property
+    def eval_tf32(self) -> bool:
+        """Whether the tables allow TF32 (--eval-tf32, else the plan's choice; labelled in every table)."""
+        return self.plan.get("eval_tf32", False) if self.args.eval_tf32 is None else self.args.eval_tf32
 
     def _train(self, role: str, defaults: dict | None = None, **overrides) -> dict:
         """The stage's TrainConfig fields: defaults < the plan's < the role's < overrides (+ its time budget);
@@ -245,7 +250,7 @@ class Pipeline:
         t0 = time.perf_counter()
         model = a.student or self.plan["student"]["model"]
         report = evaluate_checkpoint(model, best, self.splits, attacks, device, a.eval_n or self.plan["eval_n"],
-                                     slow_subsets(a.slow_n))
+                                     slow_subsets(a.slow_n), tf32=self.eval_tf32)
         self.timings[f"{preset}_eval_s"] = time.perf_counter() - t0
         report.meta.update(timings=self.timings, data=a.data_dir or "torchvision", preset=preset)
         console.print(report.table(f"{preset} student ({model})"))
@@ -264,8 +269,7 @@ class Pipeline:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         x, y = eval_tensors(self.splits, a.eval_n or self.plan["eval_n"])
         left = self.budget.left if self.budget is not None else (lambda: float("inf"))
-        tf32 = self.plan.get("eval_tf32", False) if a.eval_tf32 is None else a.eval_tf32
-        ev = TimedEvaluation(x, y, left, batch_size=500, device=device, tf32=tf32)
+        ev = TimedEvaluation(x, y, left, batch_size=500, device=device, tf32=self.eval_tf32)
         student_name = a.student or self.plan["student"]["model"]
         picked = load_checkpoint(best)
         label = f"{preset} student ({student_name}, {picked.get('weights', 'raw')} weights, epoch {picked['epoch']})"

@@ -177,7 +177,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
     def schedule(s: dict[str, Any]) -> str:
         if s.get("schedule") == "cosine":
-            hold = f" after {s['hold_epochs']:g}" if s.get("hold_epochs") else ""
+            hold = f" after {s['hold_fraction']:.0%}" if s.get("hold_fraction") else ""
             return f"{s.get('epochs', '?')} ep, cosine{hold}"
         return f"{s.get('epochs', '?')} ep, x0.1 at {','.join(map(str, s.get('milestones', ()))) or '-'}"
 

@@ -36,8 +36,9 @@ class TrainConfig(_Strict):
     milestones: list[int] = Field(default_factory=lambda: [215, 260, 285])
     gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: float = Field(0.0, ge=0)
-    hold_epochs: float = Field(0.0, ge=0, description="cosine only: epochs at the base LR after the warm-up, before "
-                                                      "the decay starts (CIARD: 150 of 300)")
+    hold_fraction: float = Field(0.0, ge=0, lt=1, description="cosine only: the share of the epochs after the "
+                                                               "warm-up held at the base LR before the decay (CIARD: "
+                                                               "0.5); a share, so it follows a budget's epochs")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool | None = Field(None, description="default: on for CUDA")
     compile: bool = False
@@ -61,6 +62,13 @@ class TrainConfig(_Strict):
     log_every: int = Field(50, ge=1)
     progress: bool = True
     tensorboard: bool = False
+
+    @model_validator(mode="after")
+    def _hold_needs_cosine(self) -> TrainConfig:
+        if self.hold_fraction and self.schedule != "cosine":
+            raise ValueError(f"hold_fraction holds a cosine schedule at its base LR: set schedule = 'cosine' (it is "
+                             f"{self.schedule!r}) or hold_fraction = 0")
+        return self
 
     @field_validator("milestones")
     @classmethod
@@ -192,6 +200,9 @@ class EvalConfig(_Strict):
     square_queries: int = Field(5000, ge=1, description="query budget of the Square attack")
 
 
+SCHEDULE_KEYS = frozenset({"epochs", "milestones", "schedule", "hold_fraction"})
+
+
 class ExperimentConfig(_Strict):
     """One training run: a preset with its options, the student, named teachers, data, loop, evaluation."""
 
@@ -207,20 +218,27 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _official_schedule(cls, data: Any) -> Any:
-        """``train.epochs`` and ``train.milestones`` left unset take the preset's official schedule, the same
-        from the Python API, a config file and the CLI."""
+        """The preset's official training settings for what ``train`` leaves unset, the same from the Python API, a
+        config file and the CLI. Its schedule (epochs, milestones, schedule, hold_fraction) comes as a whole, only
+        when ``train`` sets none of those four: a schedule of the user's is never mixed with the preset's. Other
+        settings (``select``) apply one by one."""
         from .registry import PRESETS
 
         if not isinstance(data, dict) or data.get("preset", "mtard") not in PRESETS:
             return data  # the field validators report what is wrong
-        schedule = {k: list(v) if isinstance(v, tuple) else v
+        official = {k: list(v) if isinstance(v, tuple) else v
                     for k, v in PRESETS[data.get("preset", "mtard")].schedule.items()}
         train = data.get("train", {})
+        given = set(train.model_fields_set) if isinstance(train, TrainConfig) else \
+            set(train) if isinstance(train, dict) else set()
+        shape = {k: v for k, v in official.items() if k in SCHEDULE_KEYS}
+        missing = {k: v for k, v in official.items() if k not in SCHEDULE_KEYS and k not in given}
+        if not given & SCHEDULE_KEYS:
+            missing.update(shape)
         if isinstance(train, TrainConfig):
-            missing = {k: v for k, v in schedule.items() if k not in train.model_fields_set}
             train = TrainConfig.model_validate({**train.model_dump(exclude_unset=True), **missing})
         elif isinstance(train, dict):
-            train = {**schedule, **train}
+            train = {**missing, **train}
         return {**data, "train": train}
 
     @field_validator("preset")
@@ -257,8 +275,8 @@ class ExperimentConfig(_Strict):
         if d["train"]["optimizer"] == "sgd" and not d["train"]["optimizer_options"]:  # digests of runs written
             del d["train"]["optimizer"], d["train"]["optimizer_options"]  # before these fields existed still match
         d["data"].pop("workers", None)  # how fast data is decoded, not what it is
-        if d["train"].get("hold_epochs") == 0:  # at its default, a newer field leaves older digests as they were
-            d["train"].pop("hold_epochs")
+        if d["train"].get("hold_fraction") == 0:  # at its default, a newer field leaves older digests as they were
+            d["train"].pop("hold_fraction")
         for key, default in (("image_size", None), ("augment", "auto"), ("loader", "auto")):
             if d["data"].get(key) == default:  # at their defaults, newer fields leave older digests as they were
                 d["data"].pop(key, None)

@@ -220,7 +220,7 @@ def _batches(x: Tensor | Images, y: Tensor, batch_size: int) -> Iterable[tuple[T
 
 
 def precision_label(tf32: bool) -> str:
-    return "fp32, TF32 convolutions" if tf32 else "fp32"
+    return "fp32, TF32 allowed" if tf32 else "fp32"
 
 
 def correct_mask(model: nn.Module, x: Tensor | Images, y: Tensor, attack: Attack | None = None,
@@ -271,31 +271,43 @@ def evaluate(model: nn.Module, x: Tensor | Images, y: Tensor, attacks: dict[str,
 
 
 def attack_cost(attack: Attack) -> float:
-    """Gradient passes per image, for time estimates: a PGD's steps; standard AutoAttack about 2,000 (APGD-CE's
-    100 on every image, then APGD-T's 9 x 100, FAB-T's 9 x 100 and Square's 5,000 forwards on the ~45% of
-    images still robust for a model like ours). See :func:`attack_latency_steps` for its other, fixed part."""
+    """Gradient passes per image (its arithmetic), for time estimates: a PGD's steps; a transfer attack's on its
+    surrogate; Square's 5,000 queries, each a forward (a third of a pass), on the ~45% of images still robust;
+    standard AutoAttack about 2,000 (APGD-CE's 100 on every image, then APGD-T's 9 x 100, FAB-T's 9 x 100 and
+    Square on those still robust). Rough for the black-box and AutoAttack rows: see
+    :func:`attack_latency_steps` for their other, fixed part, and a row's own chunks correct both."""
     if isinstance(attack, AutoAttack):
         return 2000.0
+    if isinstance(attack, Square):
+        return 0.45 * attack.queries / 3
+    if isinstance(attack, Transfer):
+        return attack_cost(attack.attack) + 1 / 3
     return float(getattr(attack, "steps", 1))
 
 
 def attack_latency_steps(attack: Attack) -> float:
-    """Sequential steps a chunk costs whatever its size, in units of one single-image gradient pass: the part
-    of an attack that is bound by launch latency, not arithmetic. Standard AutoAttack runs ~6,900 iterations
-    one after another (100 + 900 + 900 + 5,000), each about two bare passes' latency: on an H200, 250 images in
-    one chunk took 54 s where its arithmetic is ~13 s. PGD's large batches are arithmetic-bound: 0."""
-    return 13800.0 if isinstance(attack, AutoAttack) else 0.0
+    """Sequential steps one run of the attack costs whatever its batch, in units of one single-image gradient
+    pass: the part bound by launch latency, not arithmetic. Standard AutoAttack runs ~6,900 iterations one
+    after another (100 + 900 + 900 + 5,000), each about two bare passes' latency: on an H200, 250 images in one
+    run took 54 s where its arithmetic is ~13 s. Square: its queries, about one each. PGD's large batches are
+    arithmetic-bound: 0."""
+    if isinstance(attack, AutoAttack):
+        return 13800.0
+    if isinstance(attack, Square):
+        return float(attack.queries)
+    return attack_latency_steps(attack.attack) if isinstance(attack, Transfer) else 0.0
 
 
 class TimedEvaluation:
     """Rows of several models' tables, run in the order asked while the time ``left()`` allows.
 
-    The time of a row is predicted as arithmetic (its gradient passes per image, at the rate measured on the
-    rows run so far) plus latency (its sequential steps, at a single-image gradient pass's measured latency),
-    then scaled by how far the attack's own earlier chunks ran from that prediction. A row that would not fit
-    is skipped (``required=True`` runs it regardless). ``chunk`` runs a slow row in slices of the first ``n``
-    images (a sequence: the largest size that still fits, then smaller ones), so it may stop early and report
-    the images it covered. fp32 (``tf32``: TF32 convolutions, labelled so), eval mode.
+    The time of a row is predicted as arithmetic (its gradient passes per image, at the rate measured on that
+    model's rows so far) plus latency (its sequential steps, at that model's single-image gradient pass
+    latency, measured once), then scaled by how far the attack's own earlier chunks on that model ran from that
+    prediction. A row that would not fit is skipped (``required=True`` runs it regardless). ``chunk`` runs a
+    slow row in slices of the first ``n`` images (a sequence: the largest size that still fits, then smaller
+    ones), so it may stop early and report the images it covered; a latency-bound attack runs each slice as
+    one call. fp32 (``tf32``: TF32 allowed, labelled so), eval mode.
     """
 
     def __init__(self, x: Tensor | Images, y: Tensor, left: Callable[[], float], batch_size: int = 500,
@@ -305,27 +317,34 @@ class TimedEvaluation:
         self.reports: dict[str, Report] = {}
         self.skipped: list[str] = []
         self._clean: dict[str, Tensor] = {}
-        self._guess_s: float | None = None  # seconds per image and gradient pass, guessed from the clean pass
-        self._passes = [0.0, 0.0]  # seconds, image-passes of the gradient attacks run so far
-        self._latency_s: float | None = None  # one single-image gradient pass, measured when first needed
-        self._per_attack: dict[int, tuple[Attack, list[float]]] = {}  # id -> (attack kept alive, [seconds, predicted])
+        self._guess_s: dict[str, float] = {}  # per model: seconds per image and gradient pass, from its clean pass
+        self._passes: dict[str, list[float]] = {}  # per model: seconds, image-passes of its gradient attacks so far
+        self._latency_s: dict[str, float] = {}  # per model: one single-image gradient pass
+        # (model, id(attack)) -> (the attack, kept alive; [seconds, predicted seconds] of its chunks so far)
+        self._per_attack: dict[tuple[str | None, int], tuple[Attack, list[float]]] = {}
 
-    def _model_time(self, attack: Attack, n: int) -> float:
-        seconds, passes = self._passes
-        per_pass = seconds / passes if passes else (self._guess_s or 0.0)
-        return n * attack_cost(attack) * per_pass + attack_latency_steps(attack) * (self._latency_s or 0.0)
+    def _model_time(self, attack: Attack, n: int, model_name: str | None = None) -> float:
+        """The cost model: arithmetic + latency, at this model's measured rates (else any model's)."""
+        seconds, passes = self._passes.get(model_name) or [sum(v[i] for v in self._passes.values()) for i in (0, 1)]
+        if passes:
+            per_pass = seconds / passes
+        else:
+            per_pass = self._guess_s.get(model_name, next(iter(self._guess_s.values()), 0.0))
+        latency = self._latency_s.get(model_name, next(iter(self._latency_s.values()), 0.0))
+        return n * attack_cost(attack) * per_pass + attack_latency_steps(attack) * latency
 
-    def predict(self, attack: Attack, n: int) -> float:
-        """Seconds for ``attack`` on ``n`` images: the cost model, scaled by the attack's own measured chunks."""
-        guess = self._model_time(attack, n)
-        own = self._per_attack.get(id(attack))
+    def predict(self, attack: Attack, n: int, model_name: str | None = None) -> float:
+        """Seconds for ``attack`` on ``n`` images of ``model_name``: the cost model, scaled by the attack's own
+        measured chunks on that model."""
+        guess = self._model_time(attack, n, model_name)
+        own = self._per_attack.get((model_name, id(attack)))
         if own is not None and own[1][1] > 0:
             return guess * own[1][0] / own[1][1]
         return guess
 
-    def latency(self, model: nn.Module) -> float:
+    def latency(self, model_name: str, model: nn.Module) -> float:
         """Seconds of one gradient pass on a single image (the median of five, after two warm-ups)."""
-        if self._latency_s is None:
+        if model_name not in self._latency_s:
             device = torch.device(self.device) if self.device is not None else next(model.parameters()).device
             x = self.x[:1].to(device).float().requires_grad_(True)
             times = []
@@ -337,16 +356,15 @@ class TimedEvaluation:
                         torch.cuda.synchronize(device)
                     if i >= 2:
                         times.append(time.perf_counter() - t0)
-            self._latency_s = sorted(times)[len(times) // 2]
-        return self._latency_s
+            self._latency_s[model_name] = sorted(times)[len(times) // 2]
+        return self._latency_s[model_name]
 
     def clean(self, model_name: str, model: nn.Module) -> float:
         """Clean accuracy on all images (and the report the model's rows go into)."""
         t0 = time.perf_counter()
         mask = correct_mask(model, self.x, self.y, None, self.batch_size, self.device, self.tf32)
         seconds = time.perf_counter() - t0
-        if self._guess_s is None:
-            self._guess_s = 3 * seconds / max(len(self.y), 1)  # a gradient pass costs about three forwards
+        self._guess_s[model_name] = 3 * seconds / max(len(self.y), 1)  # a gradient pass: about three forwards
         self._clean[model_name] = mask
         acc = mask.float().mean().item()
         self.reports[model_name] = Report(n=len(self.y), meta={"clean_seconds": seconds, "clean": acc,
@@ -360,31 +378,34 @@ class TimedEvaluation:
         n = min(n or len(self.y), len(self.y))
         tf32 = self.tf32 if tf32 is None else tf32
         sizes = sorted({chunk} if isinstance(chunk, int) else set(chunk or [n]), reverse=True)
-        if attack_latency_steps(attack) and not required:
-            self.latency(model)
+        latency_bound = attack_latency_steps(attack) > 0
+        if latency_bound:
+            self.latency(model_name, model)
         done: list[Tensor] = []
         lo, t0 = 0, time.perf_counter()
         while lo < n:
-            fits = [c for c in sizes if required or self.predict(attack, min(c, n - lo)) <= self.left() - self.margin_s]
+            fits = [c for c in sizes
+                    if required or self.predict(attack, min(c, n - lo), model_name) <= self.left() - self.margin_s]
             if not fits:
                 break
             hi = min(lo + fits[0], n)
-            guess = self._model_time(attack, hi - lo)
+            guess = self._model_time(attack, hi - lo, model_name)
             t1 = time.perf_counter()
-            try:
-                done.append(correct_mask(model, self.x[lo:hi], self.y[lo:hi], attack, self.batch_size, self.device,
-                                         tf32))
+            try:  # a latency-bound attack pays its fixed part per call: the whole chunk in one
+                done.append(correct_mask(model, self.x[lo:hi], self.y[lo:hi], attack,
+                                         hi - lo if latency_bound else self.batch_size, self.device, tf32))
             except Exception as e:  # an optional row that breaks must not take the table with it
                 if required:
                     raise
                 self.skipped.append(f"{model_name}/{name} ({type(e).__name__}: {e})")
                 return None
             seconds = time.perf_counter() - t1
-            own = self._per_attack.setdefault(id(attack), (attack, [0.0, 0.0]))[1]
+            own = self._per_attack.setdefault((model_name, id(attack)), (attack, [0.0, 0.0]))[1]
             own[0], own[1] = own[0] + seconds, own[1] + guess
-            if not attack_latency_steps(attack):  # latency-bound attacks are no measure of the arithmetic rate
-                self._passes[0] += seconds
-                self._passes[1] += (hi - lo) * attack_cost(attack)
+            if getattr(attack, "steps", None) is not None and not latency_bound:  # a known count of passes
+                rate = self._passes.setdefault(model_name, [0.0, 0.0])
+                rate[0] += seconds
+                rate[1] += (hi - lo) * attack_cost(attack)
             lo = hi
         if lo == 0:
             self.skipped.append(f"{model_name}/{name}")

@@ -61,13 +61,15 @@ def train_cached(cfg: ExperimentConfig, cache_dir: str | Path, splits: Splits | 
 
 
 def evaluate_checkpoint(model_name: str, checkpoint: str | Path, splits: Splits, attacks: dict[str, Any],
-                        device: str, n: int | None = None, subsets: dict[str, int] | None = None) -> Report:
-    """The robustness table of a checkpoint on the first ``n`` test images (fp32, eval mode)."""
+                        device: str, n: int | None = None, subsets: dict[str, int] | None = None,
+                        tf32: bool = False) -> Report:
+    """The robustness table of a checkpoint on the first ``n`` test images (fp32, ``tf32`` allowed or not; eval
+    mode)."""
     from .teachers import load_model
 
     net = load_model(model_name, checkpoint, splits.num_classes)
     x, y = eval_tensors(splits, n)
-    report = evaluate(net.to(device), x, y, attacks, device=device, subsets=subsets)
+    report = evaluate(net.to(device), x, y, attacks, device=device, subsets=subsets, tf32=tf32)
     report.meta.update(model=model_name, checkpoint=str(checkpoint))
     return report
 

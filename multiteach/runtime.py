@@ -64,12 +64,14 @@ def tf32(enabled: bool) -> Iterator[None]:
 
     cuDNN runs fp32 convolutions in TF32 by default on Ampere and later GPUs, so a figure reported as fp32 must
     turn it off; training and model selection may leave it on. No effect on the CPU."""
-    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()  # "medium" (bf16) too
+    torch.backends.cudnn.allow_tf32 = enabled
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+        torch.backends.cudnn.allow_tf32 = conv
+        torch.set_float32_matmul_precision(matmul)
 
 
 def seed_everything(seed: int) -> None:

@@ -371,28 +371,34 @@ def test_a_failing_optional_row_is_skipped_with_its_error_and_a_required_one_rai
 
 def test_a_latency_bound_attack_is_predicted_as_arithmetic_plus_fixed_steps_then_from_its_own_chunks(
         net_and_data, monkeypatch):
-    """AutoAttack's cost: a fixed part (sequential steps at a single-image pass's latency) that a chunk pays
-    whatever its size, plus arithmetic per image; once a chunk ran, the prediction is scaled to match it."""
+    """AutoAttack's cost: a fixed part (sequential steps at a single-image pass's latency) that a call pays
+    whatever its size, plus arithmetic per image; a chunk runs as one call; once a chunk ran on a model, the
+    prediction for that model is scaled to match it. Each model has its own rates."""
     ev = importlib.import_module("multiteach.evaluation")
     net, x, y = net_and_data
-    te = TimedEvaluation(x, y, left=lambda: 1e9, batch_size=64, margin_s=5.0)
+    te = TimedEvaluation(x, y, left=lambda: 1e9, batch_size=16, margin_s=5.0)
     te.clean("m", net)
-    te.row("m", net, "pgd", Counted(_pgd()))  # measures the arithmetic rate
-    seconds, passes = te._passes
-    slow = Counted(_pgd())
+    te.row("m", net, "pgd", Counted(_pgd()))  # measures this model's arithmetic rate
+    seconds, passes = te._passes["m"]
+    sizes = []
+    slow = Counted(_pgd(), on_call=lambda calls: None)
+    slow.attack = lambda model, xb, yb: sizes.append(len(yb)) or xb
     monkeypatch.setattr(ev, "attack_latency_steps", lambda a: 1000.0 if a is slow else 0.0)
-    latency = te.latency(net)
+    latency = te.latency("m", net)
     assert 0 < latency < 10
     per_image = 2 * seconds / passes  # _pgd() takes 2 steps
-    assert te.predict(slow, 64) == pytest.approx(64 * per_image + 1000 * latency)
-    assert te.predict(slow, 16) == pytest.approx(16 * per_image + 1000 * latency)  # the fixed part stays
-    row = te.row("m", net, "slow", slow, n=32, chunk=32)
-    assert row is not None and row.n == 32 and slow.calls == 1
-    measured, guessed = te._per_attack[id(slow)][1]
-    assert guessed == pytest.approx(32 * per_image + 1000 * latency)
-    assert te._passes == [seconds, passes]  # a latency-bound row is no measure of the arithmetic rate
-    assert te.predict(slow, 32) == pytest.approx(measured)  # its own chunk replaces the guess
-    assert te.predict(slow, 64) == pytest.approx(measured * te._model_time(slow, 64) / guessed)
+    assert te.predict(slow, 64, "m") == pytest.approx(64 * per_image + 1000 * latency)
+    assert te.predict(slow, 16, "m") == pytest.approx(16 * per_image + 1000 * latency)  # the fixed part stays
+    row = te.row("m", net, "slow", slow, n=48, chunk=32)
+    assert row is not None and row.n == 48 and sizes == [32, 16]  # one call per chunk, not per batch of 16
+    measured, guessed = te._per_attack[("m", id(slow))][1]
+    assert guessed == pytest.approx(48 * per_image + 2000 * latency)
+    assert te._passes["m"] == [seconds, passes]  # a latency-bound row is no measure of the arithmetic rate
+    assert te.predict(slow, 48, "m") == pytest.approx(measured * (48 * per_image + 1000 * latency) / guessed)
+
+    te.clean("other", net)  # another model: its own latency, no scaling learnt on "m"
+    te._latency_s["other"] = 2 * latency
+    assert te.predict(slow, 16, "other") == pytest.approx(16 * per_image + 2000 * latency)
 
 
 def test_reported_figures_run_without_tf32_and_a_tf32_table_says_so(net_and_data):
@@ -405,11 +411,17 @@ def test_reported_figures_run_without_tf32_and_a_tf32_table_says_so(net_and_data
         seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
         return xb
 
-    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    before = (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
     correct_mask(net, x, y, spy)
     correct_mask(net, x, y, spy, tf32=True)
     assert seen == [(False, False), (True, True)]
-    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+    assert (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()) == before
+    torch.set_float32_matmul_precision("medium")  # a user's bf16 matmuls come back as they were
+    try:
+        correct_mask(net, x, y, spy)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before[1])
     assert mt.evaluate(net, x, y, {"spy": spy}).table().title.endswith("(fp32, eval mode)")
     te = TimedEvaluation(x, y, left=lambda: 1e9, batch_size=64, tf32=True)
     te.clean("m", net)
@@ -419,7 +431,7 @@ def test_reported_figures_run_without_tf32_and_a_tf32_table_says_so(net_and_data
     assert seen == [(True, True), (False, False)]
     rows = te.reports["m"].rows
     assert "(fp32)" in rows[1].settings and "fp32" not in rows[0].settings
-    assert "TF32 convolutions" in te.reports["m"].table().title
+    assert "TF32 allowed" in te.reports["m"].table().title
 
 
 

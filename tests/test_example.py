@@ -39,7 +39,7 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
     proc = run_reference(out, run_dir, cifar_slice, 600, "--eval-n", "100", "--slow-n", "4", "--epochs", "2",
                          "--eval-tf32", *short)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Test set, n = 100 (fp32, TF32 convolutions" in proc.stdout.split("stage times {")[-1]  # the table, last
+    assert "Test set, n = 100 (fp32, TF32 allowed" in proc.stdout.split("stage times {")[-1]  # the table, last
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all((out / f).stat().st_size < 16 * 2**20 for f in files)
     assert {"eval.json", "reference.log", "metrics.jsonl", "losses.png", "weights.png", "accuracy.png"} <= set(files)

@@ -137,7 +137,7 @@ def test_the_temperatures_stop_at_epoch_214_and_the_clock_is_checkpointed(nets):
 def test_official_settings():
     entry = PRESETS["ciard"]
     assert entry.teachers == ("adv", "nat") and entry.schedule == {"epochs": 300, "schedule": "cosine",
-                                                                   "hold_epochs": 150, "milestones": ()}
+                                                                   "hold_fraction": 0.5, "milestones": ()}
     teachers = {r: {"model": "cifar_resnet8"} for r in entry.teachers}
     cfg = mt.ExperimentConfig(preset="ciard", teachers=teachers).train  # the code's LR: 0.1 to 150, cosine to 300
     code = [0.1 if e < 150 else 0.1 * (0.5 + math.cos(math.pi * (e - 150) / 150) / 2)
@@ -170,3 +170,18 @@ def test_the_magnitude_weighter_and_the_push_loss_edge_cases():
     s, t = torch.randn(4, 10), torch.randn(4, 10)
     right = t.argmax(1)
     assert torch.equal(PushLoss()(s, t, right), torch.zeros(4))  # no error of the teacher: no push, no NaN
+
+
+def test_a_schedule_of_the_users_is_never_mixed_with_the_presets():
+    """The preset's schedule comes whole or not at all: epochs of the user's with CIARD's hold would hold the LR
+    for the whole run. A held cosine is a share of the epochs, so a budget that cuts them keeps its shape."""
+    teachers = {r: {"model": "cifar_resnet8"} for r in PRESETS["ciard"].teachers}
+    mine = mt.ExperimentConfig(preset="ciard", teachers=teachers, train={"epochs": 100, "milestones": [50, 75]}).train
+    assert (mine.schedule, mine.hold_fraction, mine.milestones) == ("piecewise", 0.0, [50, 75])
+    short = mt.ExperimentConfig(preset="ciard", teachers=teachers, train={"epochs": 4, "schedule": "cosine"}).train
+    assert short.hold_fraction == 0 and short.lr_factor(3.5) < 0.1  # it anneals
+    assert mt.ExperimentConfig(preset="natural", train={"epochs": 5}).train.select == "clean"  # one by one
+    held = mt.TrainConfig(epochs=10, schedule="cosine", hold_fraction=0.5, milestones=[])
+    assert [held.lr_factor(e) for e in (0, 4.9)] == [1.0, 1.0] and held.lr_factor(7.5) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="hold_fraction holds a cosine schedule"):
+        mt.TrainConfig(schedule="piecewise", hold_fraction=0.5)

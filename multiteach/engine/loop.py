@@ -208,7 +208,8 @@ class Trainer:
         if self.ema is not None:
             candidates["ema"] = self.ema.module
         progress = getattr(self, "_progress", None)  # an indeterminate bar: validation takes seconds to minutes
-        task = progress.add_task(f"validating epoch {self.epoch} (clean, PGD-{self.cfg.eval_pgd_steps})", total=None,
+        what = "clean" if self.cfg.select == "clean" else f"clean, PGD-{self.cfg.eval_pgd_steps}"
+        task = progress.add_task(f"validating epoch {self.epoch} ({what})", total=None,
                                  info="") if progress is not None else None
         try:
             self.best, new_best = self.validator.validate(candidates, self.best, self.epoch, record)

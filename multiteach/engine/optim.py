@@ -27,12 +27,11 @@ def lr_factor(cfg: Any, epoch_progress: float) -> float:
         return (epoch_progress + 1e-9) / cfg.warmup_epochs
     if cfg.schedule == "piecewise":
         return cfg.gamma ** sum(epoch_progress >= m for m in cfg.milestones)
-    if cfg.schedule == "cosine":  # held at the base LR for hold_epochs, then half a cosine to 0 at the end
-        start = cfg.warmup_epochs + cfg.hold_epochs
-        p = min(max((epoch_progress - start) / max(cfg.epochs - start, 1e-9), 0.0), 1.0)
-        return 0.5 * (1 + math.cos(math.pi * p))
     span = max(cfg.epochs - cfg.warmup_epochs, 1e-9)
     p = min(max((epoch_progress - cfg.warmup_epochs) / span, 0.0), 1.0)
+    if cfg.schedule == "cosine":  # held at the base LR for a share of the epochs, then half a cosine to 0
+        hold = cfg.hold_fraction
+        return 0.5 * (1 + math.cos(math.pi * max(p - hold, 0.0) / (1 - hold)))
     if cfg.schedule == "onecycle":
         start, end = 1 / ONECYCLE_DIV, 1 / (ONECYCLE_DIV * ONECYCLE_FINAL_DIV)
         if p < ONECYCLE_PCT:

@@ -150,7 +150,7 @@ class CIARDTemperatures(EntropyBalance):
 
 
 @register("ciard", "CIARD, Lu et al. 2025: MTARD + a push from the clean teacher's errors on x' + the robust "
-          "teacher fine-tuned online from epoch 50", ("adv", "nat"), epochs=300, schedule="cosine", hold_epochs=150,
+          "teacher fine-tuned online from epoch 50", ("adv", "nat"), epochs=300, schedule="cosine", hold_fraction=0.5,
           milestones=())
 def ciard(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None = None,
           nat_teacher: ModelLike | None = None, *, num_classes: int = 10, eps: float = 8 / 255,
@@ -178,7 +178,7 @@ def ciard(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None =
 
     Schedule: the code's student LR is 0.1 to epoch 150, then 0.1 (1/2 + cos(pi (e - 150)/150)/2)
     exp(-0.01 ((e - 150)/150)^2) to 0 at 300; the registered one is that without the exp factor (which lowers
-    it by at most 1%): cosine held for 150 of 300 epochs, followed per step rather than per epoch. The trainer
+    it by at most 1%): cosine held for half the epochs, followed per step rather than per epoch. The trainer
     has one schedule, which the teacher's optimizer follows too; the code's teacher LR is 1e-4 times the same
     form over epochs 50-300. The code forwards the robust teacher on the clean batch in train mode too (output
     unused: only its BN running statistics move) and runs the student's clean forward before the attack

@@ -76,6 +76,10 @@ class ClassDifficultyWeights(Weighter):
         base = self.base.weigh(dataclasses.replace(ctx, losses=ctx.losses * w, _batch=None))
         return (base if base.dim() == 2 else base[:, None]) * w
 
+    @property
+    def differentiable(self) -> bool:  # type: ignore[override]
+        return self.base.differentiable
+
     def on_lr(self, ratio: float) -> None:
         self.base.on_lr(ratio)
 

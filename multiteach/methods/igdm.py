@@ -129,6 +129,10 @@ class EpochRamp(Weighter):
                              "ramped")
         self.inner, self.index, self.alpha, self.epochs = inner, index, float(alpha), int(epochs)
 
+    @property
+    def differentiable(self) -> bool:  # type: ignore[override]
+        return self.inner.differentiable
+
     def ramp(self, epoch: int) -> float:
         return self.alpha * (epoch + 1) / self.epochs
 
