@@ -78,7 +78,8 @@ TINY = {
 # at a tenth of the step the official 1/C scale gives; EMA of the weights, selected against the raw ones.
 # Run 1 (RESULTS.md) left the student 4.7 PGD points under its teacher: its attack now starts uniformly in the
 # ball, as the teacher's SAT attack does. The evaluation reserve holds both models' rows (~41 s on an H200) and
-# AutoAttack on 1,000 images (54 s per 250-image chunk there; chunks of 1,000, 500 or 250, whichever fits).
+# AutoAttack on 1,000 images in one call: 54 s for 250 there, mostly latency (~41 s whatever the size, ~13 s of
+# arithmetic), so ~90 s predicted for 1,000 (chunks of 1,000, 500 or 250, whichever the prediction fits).
 # The table runs with TF32 allowed (cuDNN's default, as run 1 did without saying so): in strict fp32 the
 # rows and AutoAttack's arithmetic take longer than the reserve holds. One check row, the student's PGD_SAT on
 # the first 1,000 images in strict fp32, shows what TF32 changes; the table's title says which.
