@@ -125,7 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if out.is_dir() or not out.parent.is_dir():  # checked before the attacks run, not after
         raise UsageError(f"--out {str(out)!r} cannot be written: give a file path in an existing folder")
     ecfg = EvalConfig(eps=args.eps, n=args.n, batch_size=args.batch_size, attacks=args.attacks,
-                      square_queries=args.queries)
+                      square_queries=args.queries, tf32=args.tf32)
     recorded = _recorded_data(args.checkpoint)  # the resolution and augmentation the model was trained with
     image_size = args.image_size or (recorded["image_size"] if isinstance(recorded.get("image_size"), int) else None)
     augment = recorded.get("augment") if recorded.get("augment") in ("crop_flip", "resized_crop", "none") else "auto"
@@ -149,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         report = evaluate(net, x, y, attacks, batch_size=ecfg.batch_size, device=device,
-                          subsets=slow_subsets(args.slow_n),
+                          subsets=slow_subsets(args.slow_n), tf32=ecfg.tf32,
                           on_row=lambda r: console.log(f"{r.attack}: robust {100 * r.robust:.2f}% ({r.seconds:.1f} s)"))
     report.meta.update(checkpoint=args.checkpoint, model=model_name, device=str(device),
                        data=args.data_dir or "torchvision", dataset=args.dataset, image_size=splits.image_size,
@@ -281,6 +281,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--queries", type=int, default=5000, help="Square's query budget")
     e.add_argument("--slow-n", type=int, help="AutoAttack and black-box rows on the first n images only")
     e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--tf32", action="store_true", help="allow TF32 on Ampere and later GPUs (faster; the table says "
+                                                       "so); default: strict fp32")
     e.add_argument("--device", default="auto")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="JSON report (default: CHECKPOINT.eval.json)")

@@ -198,6 +198,8 @@ class EvalConfig(_Strict):
                                description="rows of the robustness table")
     surrogate: ModelConfig | None = Field(None, description="source model of the transfer attacks")
     square_queries: int = Field(5000, ge=1, description="query budget of the Square attack")
+    tf32: bool = Field(False, description="allow TF32 on Ampere and later GPUs (faster; every table says so); "
+                                          "default: strict fp32")
 
 
 SCHEDULE_KEYS = frozenset({"epochs", "milestones", "schedule", "hold_fraction"})

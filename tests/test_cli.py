@@ -1,5 +1,6 @@
 """The `multiteach` command, run as a user runs it: in a subprocess, reading its exit code and stderr."""
 
+import json
 import os
 import signal
 import subprocess
@@ -131,6 +132,7 @@ def test_eval_prints_the_table_and_refuses_bad_checkpoints(tmp_path, trained, ca
             "--out", str(tmp_path / "e.json"))
     assert r.returncode == 0, r.stderr
     assert "pgd_sat" in r.stdout and "worst case" in r.stdout and (tmp_path / "e.json").is_file()
+    assert "(fp32, eval mode)" in r.stdout and json.loads((tmp_path / "e.json").read_text())["meta"]["tf32"] is False
     wrong = run_inprocess(capsys, "eval", str(trained / "best.pt"), "--synthetic", "--model", "cifar_resnet18",
                           "--n", "8")
     assert wrong.returncode == 2 and "does not fit" in wrong.stderr
