@@ -176,9 +176,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
     from .presets import PRESETS
 
     def schedule(s: dict[str, Any]) -> str:
-        if s.get("schedule") == "cosine":
+        if s.get("schedule", "piecewise") != "piecewise":
             hold = f" after {s['hold_fraction']:.0%}" if s.get("hold_fraction") else ""
-            return f"{s.get('epochs', '?')} ep, cosine{hold}"
+            return f"{s.get('epochs', '?')} ep, {s['schedule']}{hold}"
         return f"{s.get('epochs', '?')} ep, x0.1 at {','.join(map(str, s.get('milestones', ()))) or '-'}"
 
     rows = [(name, ",".join(info.teachers) or "-", schedule(info.schedule), info.description)

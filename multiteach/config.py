@@ -32,7 +32,9 @@ class TrainConfig(_Strict):
                                               "nesterov apply to sgd, optimizer_options to any")
     optimizer_options: dict[str, Any] = Field(default_factory=dict, description="further keyword arguments of the "
                                                                                 "optimizer, e.g. betas")
-    schedule: Literal["piecewise", "cosine", "constant", "onecycle"] = "piecewise"
+    schedule: Literal["piecewise", "cosine", "constant", "onecycle", "cyclic"] = Field(
+        "piecewise", description="piecewise (x gamma at milestones), cosine, constant, onecycle, or cyclic (linear up "
+                                 "to the base LR at half the epochs, then down to 0: N-FGSM's)")
     milestones: list[int] = Field(default_factory=lambda: [215, 260, 285])
     gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: float = Field(0.0, ge=0)

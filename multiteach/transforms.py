@@ -238,6 +238,45 @@ class FGSM(PGD):
         super().__init__(eps=eps, alpha=eps if alpha is None else alpha, steps=1, start=start, **kwargs)
 
 
+class NFGSM(InputTransform):
+    """N-FGSM (de Jorge et al., NeurIPS 2022; pdejorge/N-FGSM): one signed-gradient step of ``alpha`` (default
+    eps) on CE from x + U(-k eps, k eps), k = 2, kept in [0, 1] but not projected back to the eps-ball (noise and
+    step together reach up to 3 eps): single-step adversarial training without catastrophic overfitting, at one
+    gradient pass per batch. ``clip``: project to ``clip`` x eps (Fast AT's 1; None: none, as N-FGSM). The
+    official code attacks the model as it trains: ``bn_mode="train"`` (BatchNorm on the batch, its running
+    statistics updated by the attack's forward)."""
+
+    graph_safe = True
+
+    def __init__(self, eps: float = 8 / 255, k: float = 2.0, alpha: float | None = None, clip: float | None = None,
+                 bn_mode: BNMode = "train") -> None:
+        if not math.isfinite(eps) or eps < 0 or k < 0 or (clip is not None and clip <= 0):
+            raise ValueError(f"N-FGSM needs eps >= 0, k >= 0 and clip > 0 (or None), got {eps}, {k}, {clip}")
+        if bn_mode not in ("eval", "train", "keep"):
+            raise ValueError(f"unknown bn_mode {bn_mode!r}: use one of ('eval', 'train', 'keep')")
+        self.eps, self.k, self.alpha = float(eps), float(k), float(eps if alpha is None else alpha)
+        self.clip = None if clip is None else float(clip)
+        self.bn_mode: BNMode = bn_mode
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, reference: Tensor | None) -> Tensor:
+        with torch.enable_grad():
+            start = (x + torch.empty_like(x).uniform_(-self.k * self.eps, self.k * self.eps)).clamp(0.0, 1.0)
+            start.requires_grad_(True)
+            (grad,) = torch.autograd.grad(F.cross_entropy(model(start).float(), y, reduction="sum"), [start])
+        x_adv = start.detach() + self.alpha * grad.sign()
+        if self.clip is not None:
+            x_adv = torch.minimum(torch.maximum(x_adv, x - self.clip * self.eps), x + self.clip * self.eps)
+        return x_adv.clamp(0.0, 1.0)
+
+    def __repr__(self) -> str:
+        return (f"NFGSM(eps={self.eps:.5g}, k={self.k:g}, alpha={self.alpha:.5g}, clip={self.clip}, "
+                f"bn_mode={self.bn_mode!r})")
+
+    def describe(self) -> str:
+        clip = f"clip {self.clip:g} eps" if self.clip is not None else "no projection"
+        return f"Linf eps {self.eps * 255:.3g}/255, noise U(+-{self.k:g} eps), step {self.alpha * 255:.3g}/255, {clip}"
+
+
 class WrappedTransform(InputTransform):
     """A transform standing in for another (``inner``): settings read and written on it are the inner one's,
     and so is the contract the recipe reads (``model``, ``reference``, ``through``, ``bn_mode``). Subclasses
@@ -310,5 +349,5 @@ def as_transform(t: Any) -> InputTransform:
                     f"{type(t).__name__}")
 
 
-__all__ = ["ATTACKS", "FGSM", "PGD", "CallableTransform", "Clean", "InputTransform", "TorchattacksTransform",
+__all__ = ["ATTACKS", "FGSM", "NFGSM", "PGD", "CallableTransform", "Clean", "InputTransform", "TorchattacksTransform",
            "WrappedTransform", "as_transform", "module_mode"]

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,3 +108,29 @@ def test_folded_eval_view_matches_eval_mode_and_follows_live_weights(name):
     got.sum().backward()
     assert torch.allclose(xf.grad, xg.grad, rtol=1e-3, atol=1e-6)
     assert student.training  # the view never changes the student's mode
+
+
+def test_nfgsm_is_one_unprojected_step_from_wide_noise_as_its_code():
+    """N-FGSM against a float64 hand computation with the same draws: x0 = clamp(x + U(-2eps, 2eps)), one step of
+    eps along sign(grad CE) taken in train mode, clamped to [0, 1] and not projected to the eps-ball."""
+    x, y = _batch(32)
+    net = tiny_net(seed=3).double().train()
+    eps = 8 / 255
+    ref = copy.deepcopy(net)
+    torch.manual_seed(7)
+    got = mt.NFGSM(eps)(net, x.double(), y)
+    torch.manual_seed(7)
+    start = (x.double() + torch.empty_like(x.double()).uniform_(-2 * eps, 2 * eps)).clamp(0, 1).requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(ref(start), y), [start])  # train mode, as the code
+    want = (start.detach() + eps * grad.sign()).clamp(0, 1)
+    assert torch.equal(got, want)
+    delta = (got - x.double()).abs()
+    assert delta.max() > 1.5 * eps and delta.max() <= 3 * eps + 1e-12  # beyond the eps-ball: no projection
+    assert 0 <= got.min() and got.max() <= 1 and net.training  # its mode given back
+    for a, b in zip(net.modules(), ref.modules()):  # the attack's forward moved BN statistics, as in the code
+        if isinstance(a, torch.nn.BatchNorm2d):
+            assert torch.equal(a.running_mean, b.running_mean)
+    clipped = mt.NFGSM(eps, clip=1.0)(net, x.double(), y)  # Fast AT's projection, if asked
+    assert (clipped - x.double()).abs().max() <= eps + 1e-12
+    assert mt.NFGSM().graph_safe and mt.TrainConfig(schedule="cyclic", epochs=30, milestones=[]).lr_factor(15) == 1.0
+    assert mt.TrainConfig(schedule="cyclic", epochs=30, milestones=[]).lr_factor(7.5) == pytest.approx(0.5)

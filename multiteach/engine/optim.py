@@ -1,6 +1,6 @@
 """Optimizers and the learning-rate schedule, from the config: SGD by default, any ``torch.optim`` class by
-name with its options; piecewise (multistep), cosine (optionally held at the base LR first), constant or
-one-cycle, with an optional linear warm-up.
+name with its options; piecewise (multistep), cosine (optionally held at the base LR first), constant,
+one-cycle or cyclic (a triangle), with an optional linear warm-up.
 
 The schedule is a factor of the base LR at a fractional epoch, applied to every param group each step (so a
 budgeted run that changes its epoch count mid-run just follows the new cosine), and to every trainable
@@ -32,6 +32,8 @@ def lr_factor(cfg: Any, epoch_progress: float) -> float:
     if cfg.schedule == "cosine":  # held at the base LR for a share of the epochs, then half a cosine to 0
         hold = cfg.hold_fraction
         return 0.5 * (1 + math.cos(math.pi * max(p - hold, 0.0) / (1 - hold)))
+    if cfg.schedule == "cyclic":  # torch's CyclicLR from 0, one cycle: up for the first half, down for the second
+        return 1.0 - abs(2.0 * p - 1.0)
     if cfg.schedule == "onecycle":
         start, end = 1 / ONECYCLE_DIV, 1 / (ONECYCLE_DIV * ONECYCLE_FINAL_DIV)
         if p < ONECYCLE_PCT:

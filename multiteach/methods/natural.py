@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..losses import CrossEntropy
 from ..recipe import Branch, Recipe
-from ..transforms import PGD, Clean
+from ..transforms import NFGSM, PGD, Clean
 from ._common import ModelLike, as_student, register
 
 
@@ -27,3 +27,15 @@ def sat(student: ModelLike = "cifar_resnet18", *, num_classes: int = 10, eps: fl
     (our fast reference plan uses it). ``norm="L2"`` (e.g. eps 0.5, alpha 0.1) trains an L2-robust model."""
     pgd = PGD(eps=eps, alpha=alpha, steps=steps, start=start, bn_mode=bn_mode, norm=norm)
     return Recipe(as_student(student, num_classes), [Branch(pgd, CrossEntropy(), name="adv_ce")], name="sat")
+
+
+@register("nfgsm", "N-FGSM, de Jorge et al. 2022: CE on one step of eps from x + U(-2eps, 2eps), not projected",
+          epochs=30, schedule="cyclic", milestones=(), lr=0.2, weight_decay=5e-4)
+def nfgsm(student: ModelLike = "cifar_resnet18", *, num_classes: int = 10, eps: float = 8 / 255, k: float = 2.0,
+          alpha: float | None = None, clip: float | None = None, bn_mode: str = "train") -> Recipe:
+    """Single-step adversarial training (pdejorge/N-FGSM ``train.py`` defaults): CE(S(x'), y), x' one signed
+    step of eps from x + U(-2 eps, 2 eps), inside [0, 1], no projection to the eps-ball, the student attacked in
+    train mode; 30 epochs, SGD 0.2 with the code's cyclic LR (linear up to the peak at half, down to 0), weight
+    decay 5e-4. A cheap adversarial teacher: one gradient pass per batch where PGD-10 takes ten."""
+    return Recipe(as_student(student, num_classes),
+                  [Branch(NFGSM(eps, k, alpha, clip, bn_mode), CrossEntropy(), name="adv_ce")], name="nfgsm")
