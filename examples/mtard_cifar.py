@@ -196,11 +196,17 @@ class Pipeline:
             console.log(f"[bold]stage {role}[/]: {self.timings[key]:.1f} s (allotted {self.budget.allotted[role]:.1f}"
                         f" s); {self.budget.left():.0f} s of the budget left")
 
+    def teacher_preset(self, role: str) -> str:
+        """The preset that trains the ``role`` teacher: the plan's, or --adv-preset's for the adversarial one."""
+        given = getattr(self.args, "adv_preset", None) if role == "adv" else None
+        return given or self.plan[role]["preset"]
+
     def teacher_config(self, role: str, model: str | None = None, epochs: int | None = None) -> ExperimentConfig:
-        """The config that trains the plan's ``role`` teacher."""
-        spec = self.plan[role]
-        wd = {"weight_decay": 5e-4 if spec["preset"] == "natural" else 2e-4}
-        return stage_config(spec["preset"], model or spec["model"], self.data, "unused", options=spec["options"],
+        """The config that trains the plan's ``role`` teacher (the plan's options its preset takes)."""
+        spec, preset = self.plan[role], self.teacher_preset(role)
+        options = {k: v for k, v in spec["options"].items() if k in get_preset(preset).options()}
+        wd = {"weight_decay": 5e-4 if preset == "natural" else 2e-4}
+        return stage_config(preset, model or spec["model"], self.data, "unused", options=options,
                             **self._train(role, wd, epochs=epochs or spec["epochs"]))
 
     def teacher(self, role: str, checkpoint: str | None = None, model: str | None = None,
@@ -212,7 +218,7 @@ class Pipeline:
             cfg = self.teacher_config(role, model, epochs)
             checkpoint = str(train_cached(cfg, self.cache, self.splits, console=console, dist=self.dist))
             self._finish(role, f"{role}_teacher_s", t0)
-            self.origins[role] = self.plan[role]["preset"].upper()
+            self.origins[role] = self.teacher_preset(role).upper()
         else:
             self.origins[role] = "given"
             if self.budget is not None and role in self.budget.shares:
@@ -369,6 +375,7 @@ def parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.add_argument("--adv-teacher", help="adversarial teacher checkpoint (skips its training)")
     p.add_argument("--adv-arch", help="its timm name (default: the plan's)")
+    p.add_argument("--adv-preset", help="the recipe that trains it (default: the plan's, e.g. sat; nfgsm, trades)")
     p.add_argument("--nat-teacher", help="natural teacher checkpoint (skips its training)")
     p.add_argument("--nat-arch", help="its timm name (default: the plan's)")
     p.add_argument("--preset", default="mtard", help="student recipe: mtard, bmtard, rslad, ard, baseline_mt, ...")

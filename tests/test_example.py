@@ -119,3 +119,13 @@ def test_the_paper_plan_trains_every_stage_with_its_official_settings(cifar_slic
     recipe = example.get_preset("mtard").fn("cifar_resnet8", "cifar_resnet8", "cifar_resnet8", **student.options)
     pgd = recipe.branches[0].transform
     assert (pgd.steps, pgd.start, pgd.alpha) == (10, "normal", 2 / 255) and recipe.branches[0].loss.reduction == "mean"
+
+
+def test_the_adversarial_teacher_can_come_from_another_preset(cifar_slice, tmp_path):
+    """--adv-preset nfgsm: the plan's teacher options go where that preset takes them (no PGD steps for N-FGSM)."""
+    example = load("mtard_cifar")
+    run = example.Pipeline(example.parser().parse_args(
+        ["--plan", "speedrun", "--adv-preset", "nfgsm", "--data-dir", str(cifar_slice), "--run-dir", str(tmp_path)]))
+    adv = run.teacher_config("adv")
+    assert adv.preset == "nfgsm" and adv.options == {"bn_mode": "eval"} and adv.student.model == "cifar_resnet18"
+    assert run.teacher_config("nat").preset == "natural"
