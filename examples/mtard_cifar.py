@@ -282,8 +282,8 @@ class Pipeline:
         label = f"{preset} student ({student_name}, {picked.get('weights', 'raw')} weights, epoch {picked['epoch']})"
         models = {label: load_model(student_name, best, self.splits.num_classes).to(device)}
         if "adv" in teachers:
-            label = f"adv teacher ({teachers['adv'][0]}, {self.origins.get('adv', 'given')})"
-            models[label] = load_model(*teachers["adv"], self.splits.num_classes).to(device)
+            teacher_label = f"adv teacher ({teachers['adv'][0]}, {self.origins.get('adv', 'given')})"
+            models[teacher_label] = load_model(*teachers["adv"], self.splits.num_classes).to(device)
         student, *rest = models
         t0 = time.perf_counter()
         rows = standard_attacks()
