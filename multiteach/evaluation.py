@@ -402,8 +402,8 @@ class TimedEvaluation:
             seconds = time.perf_counter() - t1
             own = self._per_attack.setdefault((model_name, id(attack)), (attack, [0.0, 0.0]))[1]
             own[0], own[1] = own[0] + seconds, own[1] + guess
-            if getattr(attack, "steps", None) is not None and not latency_bound:  # a known count of passes
-                rate = self._passes.setdefault(model_name, [0.0, 0.0])
+            if getattr(attack, "steps", None) is not None and not latency_bound and tf32 == self.tf32:
+                rate = self._passes.setdefault(model_name, [0.0, 0.0])  # a known count of passes, this precision
                 rate[0] += seconds
                 rate[1] += (hi - lo) * attack_cost(attack)
             lo = hi
