@@ -134,3 +134,14 @@ def test_nfgsm_is_one_unprojected_step_from_wide_noise_as_its_code():
     assert (clipped - x.double()).abs().max() <= eps + 1e-12
     assert mt.NFGSM().graph_safe and mt.TrainConfig(schedule="cyclic", epochs=30, milestones=[]).lr_factor(15) == 1.0
     assert mt.TrainConfig(schedule="cyclic", epochs=30, milestones=[]).lr_factor(7.5) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("preset", ["sat", "nfgsm", "natural"])
+def test_adversarial_teachers_take_label_smoothing(preset):
+    """A teacher-strength lever: the label-only presets smooth their CE when asked, and only then."""
+    _, y = _batch(8)
+    for smoothing in (0.0, 0.2):
+        recipe = mt.presets.get_preset(preset).fn(tiny_net(seed=1), label_smoothing=smoothing)
+        logits = torch.randn(8, 10)
+        want = F.cross_entropy(logits, y, label_smoothing=smoothing, reduction="none")
+        torch.testing.assert_close(recipe.branches[0].loss(logits, None, y), want)
