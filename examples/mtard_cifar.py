@@ -204,7 +204,15 @@ class Pipeline:
     def teacher_config(self, role: str, model: str | None = None, epochs: int | None = None) -> ExperimentConfig:
         """The config that trains the plan's ``role`` teacher (the plan's options its preset takes)."""
         spec, preset = self.plan[role], self.teacher_preset(role)
-        options = {k: v for k, v in spec["options"].items() if k in get_preset(preset).options()}
+        accepted = get_preset(preset).options()
+        options = {k: v for k, v in spec["options"].items() if k in accepted}
+        if role == "adv":
+            given = parse_options(getattr(self.args, "adv_option", []))
+            unknown = sorted(set(given) - set(accepted))
+            if unknown:
+                raise SystemExit(f"--adv-option {', '.join(unknown)}: not an option of preset {preset!r} (its "
+                                 f"options: {', '.join(sorted(accepted))})")
+            options.update(given)
         wd = {"weight_decay": 5e-4 if preset == "natural" else 2e-4}
         return stage_config(preset, model or spec["model"], self.data, "unused", options=options,
                             **self._train(role, wd, epochs=epochs or spec["epochs"]))
@@ -324,6 +332,20 @@ class Pipeline:
         return result
 
 
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs, each value read as JSON where it parses (numbers, true/false, null), else a string."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--adv-option {pair!r}: write KEY=VALUE, e.g. label_smoothing=0.1")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def environment() -> dict[str, str]:
     """What a reported figure ran on: the device, torch, timm."""
     import timm
@@ -376,6 +398,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adv-teacher", help="adversarial teacher checkpoint (skips its training)")
     p.add_argument("--adv-arch", help="its timm name (default: the plan's)")
     p.add_argument("--adv-preset", help="the recipe that trains it (default: the plan's, e.g. sat; nfgsm, trades)")
+    p.add_argument("--adv-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of that preset, over the plan's (e.g. label_smoothing=0.1, steps=7); repeatable")
     p.add_argument("--nat-teacher", help="natural teacher checkpoint (skips its training)")
     p.add_argument("--nat-arch", help="its timm name (default: the plan's)")
     p.add_argument("--preset", default="mtard", help="student recipe: mtard, bmtard, rslad, ard, baseline_mt, ...")

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import SHARED
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -129,3 +131,9 @@ def test_the_adversarial_teacher_can_come_from_another_preset(cifar_slice, tmp_p
     adv = run.teacher_config("adv")
     assert adv.preset == "nfgsm" and adv.options == {"bn_mode": "eval"} and adv.student.model == "cifar_resnet18"
     assert run.teacher_config("nat").preset == "natural"
+    args = ["--plan", "speedrun", "--data-dir", str(cifar_slice), "--run-dir", str(tmp_path)]
+    smooth = example.Pipeline(example.parser().parse_args(
+        [*args, "--adv-option", "label_smoothing=0.1", "--adv-option", "steps=7"])).teacher_config("adv")
+    assert smooth.preset == "sat" and smooth.options == {"steps": 7, "bn_mode": "eval", "label_smoothing": 0.1}
+    with pytest.raises(SystemExit, match="not an option of preset 'sat'"):
+        example.Pipeline(example.parser().parse_args([*args, "--adv-option", "k=3"])).teacher_config("adv")
