@@ -32,7 +32,7 @@ from rich.console import Console
 
 from multiteach.budget import TimeBudget
 from multiteach.build import eval_tensors, load_splits
-from multiteach.config import DataConfig, ExperimentConfig
+from multiteach.config import DataConfig, ExperimentConfig, apply_override
 from multiteach.distributed import DistContext
 from multiteach.evaluation import (
     AutoAttack,
@@ -207,7 +207,12 @@ class Pipeline:
         accepted = get_preset(preset).options()
         options = {k: v for k, v in spec["options"].items() if k in accepted}
         if role == "adv":
-            given = parse_options(getattr(self.args, "adv_option", []))
+            given: dict[str, Any] = {}
+            for pair in getattr(self.args, "adv_option", []):  # values read as TOML, as `multiteach --set`
+                try:
+                    apply_override(given, pair)
+                except ValueError:
+                    raise SystemExit(f"--adv-option {pair!r}: write KEY=VALUE, e.g. label_smoothing=0.1") from None
             unknown = sorted(set(given) - set(accepted))
             if unknown:
                 raise SystemExit(f"--adv-option {', '.join(unknown)}: not an option of preset {preset!r} (its "
@@ -332,20 +337,6 @@ class Pipeline:
         return result
 
 
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs, each value read as JSON where it parses (numbers, true/false, null), else a string."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--adv-option {pair!r}: write KEY=VALUE, e.g. label_smoothing=0.1")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def environment() -> dict[str, str]:
     """What a reported figure ran on: the device, torch, timm."""
     import timm
@@ -399,7 +390,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adv-arch", help="its timm name (default: the plan's)")
     p.add_argument("--adv-preset", help="the recipe that trains it (default: the plan's, e.g. sat; nfgsm, trades)")
     p.add_argument("--adv-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option of that preset, over the plan's (e.g. label_smoothing=0.1, steps=7); repeatable")
+                   help="an option of that preset, over the plan's (e.g. label_smoothing=0.1, steps=7; the value "
+                        "read as TOML); repeatable")
     p.add_argument("--nat-teacher", help="natural teacher checkpoint (skips its training)")
     p.add_argument("--nat-arch", help="its timm name (default: the plan's)")
     p.add_argument("--preset", default="mtard", help="student recipe: mtard, bmtard, rslad, ard, baseline_mt, ...")

@@ -279,11 +279,12 @@ class ExperimentConfig(_Strict):
         if d["train"]["optimizer"] == "sgd" and not d["train"]["optimizer_options"]:  # digests of runs written
             del d["train"]["optimizer"], d["train"]["optimizer_options"]  # before these fields existed still match
         d["data"].pop("workers", None)  # how fast data is decoded, not what it is
-        if d["train"].get("hold_fraction") == 0:  # at its default, a newer field leaves older digests as they were
-            d["train"].pop("hold_fraction")
-        for key, default in (("image_size", None), ("augment", "auto"), ("loader", "auto")):
-            if d["data"].get(key) == default:  # at their defaults, newer fields leave older digests as they were
-                d["data"].pop(key, None)
+        newer = {"train": (("hold_fraction", 0.0),), "data": (("image_size", None), ("augment", "auto"),
+                                                              ("loader", "auto"))}
+        for table, fields in newer.items():
+            for key, default in fields:
+                if d[table].get(key) == default:  # at their defaults, newer fields leave older digests as they were
+                    d[table].pop(key, None)
         for model in [d["student"], *d["teachers"].values()]:
             for key, default in (("source", "timm"), ("pretrained", False), ("weights", None), ("resize", False)):
                 if model.get(key) == default:
