@@ -102,13 +102,14 @@ SPEEDRUN = {
 # teacher and a TRADES WRN-34-10 adversarial teacher (the paper loads RobustBench's Zhang2019Theoretically;
 # --adv-teacher gives one), the ResNet-18 student with every MTARD setting as published (PGD-10 from
 # x + 0.001 N, KL averaged over batch x classes, ANL beta 1 / r_w 0.025, 300 epochs, x0.1 at 215, 260, 285);
-# each stage its preset's official schedule, batch 128, SGD lr 0.1. No EMA, no time budget.
+# each stage its preset's official schedule and settings (where a preset registers none: batch 128, SGD lr 0.1,
+# TrainConfig's defaults). No EMA, no time budget.
 PAPER = {
     "nat": dict(model="cifar_resnet56", preset="natural", epochs=None, options={}),
     "adv": dict(model="cifar_wrn34_10", preset="trades", epochs=None, options={}),
     "l2": dict(model="cifar_resnet18", preset="sat", epochs=None, options={"norm": "L2", "eps": 0.5, "alpha": 0.1}),
     "student": dict(model="cifar_resnet18", epochs=None, options={}),
-    "train": dict(batch_size=128, lr=0.1),
+    "train": {},
     "val_size": 1000, "train_size": None, "eval_n": None,
 }
 PLANS = {"full": FULL, "tiny": TINY, "speedrun": SPEEDRUN, "paper": PAPER}
@@ -218,7 +219,9 @@ class Pipeline:
                 raise SystemExit(f"--adv-option {', '.join(unknown)}: not an option of preset {preset!r} (its "
                                  f"options: {', '.join(sorted(accepted))})")
             options.update(given)
-        wd = {"weight_decay": 5e-4 if preset == "natural" else 2e-4}
+        # the teachers' usual weight decay where the preset registers none (nfgsm's own 5e-4 stands)
+        wd = {} if "weight_decay" in get_preset(preset).schedule else \
+            {"weight_decay": 5e-4 if preset == "natural" else 2e-4}
         return stage_config(preset, model or spec["model"], self.data, "unused", options=options,
                             **self._train(role, wd, epochs=epochs or spec["epochs"]))
 

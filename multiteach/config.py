@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +42,9 @@ class TrainConfig(_Strict):
     hold_fraction: float = Field(0.0, ge=0, lt=1, description="cosine only: the share of the epochs after the "
                                                                "warm-up held at the base LR before the decay (CIARD: "
                                                                "0.5); a share, so it follows a budget's epochs")
+    cycle_momentum: float | None = Field(None, ge=0, lt=1, description="cyclic only: SGD momentum at the LR's peak, "
+                                                                      "back to `momentum` as the LR returns to 0, as "
+                                                                      "torch's CyclicLR (N-FGSM: 0.8)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool | None = Field(None, description="default: on for CUDA")
     compile: bool = False
@@ -66,10 +70,17 @@ class TrainConfig(_Strict):
     tensorboard: bool = False
 
     @model_validator(mode="after")
-    def _hold_needs_cosine(self) -> TrainConfig:
+    def _schedule_shape(self) -> TrainConfig:
         if self.hold_fraction and self.schedule != "cosine":
             raise ValueError(f"hold_fraction holds a cosine schedule at its base LR: set schedule = 'cosine' (it is "
                              f"{self.schedule!r}) or hold_fraction = 0")
+        if self.cycle_momentum is not None and (self.schedule != "cyclic" or self.optimizer.lower() != "sgd"):
+            raise ValueError(f"cycle_momentum cycles SGD's momentum with a cyclic schedule: it needs schedule = "
+                             f"'cyclic' and optimizer = 'sgd' (they are {self.schedule!r}, {self.optimizer!r}); "
+                             f"or leave cycle_momentum unset")
+        if self.warmup_epochs and self.schedule in ("cyclic", "onecycle"):
+            raise ValueError(f"the {self.schedule} schedule rises from a low LR itself: a warm-up before it would end "
+                             f"at the base LR and drop; set warmup_epochs = 0")
         return self
 
     @field_validator("milestones")
@@ -204,7 +215,12 @@ class EvalConfig(_Strict):
                                           "default: strict fp32")
 
 
-SCHEDULE_KEYS = frozenset({"epochs", "milestones", "schedule", "hold_fraction"})
+SCHEDULE_SHAPE = frozenset({"milestones", "schedule", "hold_fraction", "cycle_momentum"})
+
+
+def scaled_milestones(milestones: Sequence[int], official_epochs: int, epochs: int) -> list[int]:
+    """A piecewise schedule's milestones at the same shares of another epoch count (each decay kept)."""
+    return [max(1, round(m * epochs / official_epochs)) for m in milestones]
 
 
 class ExperimentConfig(_Strict):
@@ -223,9 +239,11 @@ class ExperimentConfig(_Strict):
     @classmethod
     def _official_schedule(cls, data: Any) -> Any:
         """The preset's official training settings for what ``train`` leaves unset, the same from the Python API, a
-        config file and the CLI. Its schedule (epochs, milestones, schedule, hold_fraction) comes as a whole, only
-        when ``train`` sets none of those four: a schedule of the user's is never mixed with the preset's. Other
-        settings (``select``) apply one by one."""
+        config file and the CLI. The schedule's shape (schedule, milestones, hold_fraction, cycle_momentum) comes
+        as a whole, only when ``train`` sets none of those: a shape of the user's is never mixed with the
+        preset's. Epochs alone keep the preset's shape, its milestones moved to the same shares of the new
+        epochs (300 epochs decayed at 215 and 260 become 100 decayed at 72 and 87). Other settings (``epochs``,
+        ``select``, ``lr``, ...) apply one by one."""
         from .registry import PRESETS
 
         if not isinstance(data, dict) or data.get("preset", "mtard") not in PRESETS:
@@ -235,10 +253,13 @@ class ExperimentConfig(_Strict):
         train = data.get("train", {})
         given = set(train.model_fields_set) if isinstance(train, TrainConfig) else \
             set(train) if isinstance(train, dict) else set()
-        shape = {k: v for k, v in official.items() if k in SCHEDULE_KEYS}
-        missing = {k: v for k, v in official.items() if k not in SCHEDULE_KEYS and k not in given}
-        if not given & SCHEDULE_KEYS:
-            missing.update(shape)
+        missing = {k: v for k, v in official.items() if k not in SCHEDULE_SHAPE and k not in given}
+        if not given & SCHEDULE_SHAPE:
+            missing.update({k: v for k, v in official.items() if k in SCHEDULE_SHAPE})
+            epochs = train.epochs if isinstance(train, TrainConfig) else train.get("epochs") \
+                if isinstance(train, dict) else None
+            if "epochs" in given and official.get("milestones") and isinstance(epochs, int) and epochs >= 1:
+                missing["milestones"] = scaled_milestones(official["milestones"], official.get("epochs", 300), epochs)
         if isinstance(train, TrainConfig):
             train = TrainConfig.model_validate({**train.model_dump(exclude_unset=True), **missing})
         elif isinstance(train, dict):
@@ -279,8 +300,8 @@ class ExperimentConfig(_Strict):
         if d["train"]["optimizer"] == "sgd" and not d["train"]["optimizer_options"]:  # digests of runs written
             del d["train"]["optimizer"], d["train"]["optimizer_options"]  # before these fields existed still match
         d["data"].pop("workers", None)  # how fast data is decoded, not what it is
-        newer = {"train": (("hold_fraction", 0.0),), "data": (("image_size", None), ("augment", "auto"),
-                                                              ("loader", "auto"))}
+        newer = {"train": (("hold_fraction", 0.0), ("cycle_momentum", None)),
+                 "data": (("image_size", None), ("augment", "auto"), ("loader", "auto"))}
         for table, fields in newer.items():
             for key, default in fields:
                 if d[table].get(key) == default:  # at their defaults, newer fields leave older digests as they were

@@ -324,12 +324,16 @@ class TimedEvaluation:
         self._per_attack: dict[tuple[str | None, int], tuple[Attack, list[float]]] = {}
 
     def _model_time(self, attack: Attack, n: int, model_name: str | None = None) -> float:
-        """The cost model: arithmetic + latency, at this model's measured rates (else any model's)."""
-        seconds, passes = self._passes.get(model_name) or [sum(v[i] for v in self._passes.values()) for i in (0, 1)]
+        """The cost model: arithmetic + latency, at this model's measured rates; before its first gradient row,
+        the larger of its clean-pass guess and the other models' measured rate (a larger model after a small
+        one is not priced at the small one's rate)."""
+        seconds, passes = self._passes.get(model_name) or (0.0, 0.0)
         if passes:
             per_pass = seconds / passes
         else:
-            per_pass = self._guess_s.get(model_name, next(iter(self._guess_s.values()), 0.0))
+            seconds, passes = (sum(v[i] for v in self._passes.values()) for i in (0, 1))
+            pooled = seconds / passes if passes else 0.0
+            per_pass = max(self._guess_s.get(model_name, next(iter(self._guess_s.values()), 0.0)), pooled)
         latency = self._latency_s.get(model_name, next(iter(self._latency_s.values()), 0.0))
         return n * attack_cost(attack) * per_pass + attack_latency_steps(attack) * latency
 
@@ -389,7 +393,6 @@ class TimedEvaluation:
             if not fits:
                 break
             hi = min(lo + fits[0], n)
-            guess = self._model_time(attack, hi - lo, model_name)
             t1 = time.perf_counter()
             try:  # a latency-bound attack pays its fixed part per call: the whole chunk in one
                 done.append(correct_mask(model, self.x[lo:hi], self.y[lo:hi], attack,
@@ -400,12 +403,14 @@ class TimedEvaluation:
                 self.skipped.append(f"{model_name}/{name} ({type(e).__name__}: {e})")
                 return None
             seconds = time.perf_counter() - t1
-            own = self._per_attack.setdefault((model_name, id(attack)), (attack, [0.0, 0.0]))[1]
-            own[0], own[1] = own[0] + seconds, own[1] + guess
             if getattr(attack, "steps", None) is not None and not latency_bound and tf32 == self.tf32:
                 rate = self._passes.setdefault(model_name, [0.0, 0.0])  # a known count of passes, this precision
                 rate[0] += seconds
                 rate[1] += (hi - lo) * attack_cost(attack)
+            # the attack's own correction: measured against the cost model at the rates now known (this chunk's
+            # included), so a row that feeds the rate is not corrected twice
+            own = self._per_attack.setdefault((model_name, id(attack)), (attack, [0.0, 0.0]))[1]
+            own[0], own[1] = own[0] + seconds, own[1] + self._model_time(attack, hi - lo, model_name)
             lo = hi
         if lo == 0:
             self.skipped.append(f"{model_name}/{name}")

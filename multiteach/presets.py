@@ -9,7 +9,7 @@ from __future__ import annotations
 from .methods._common import as_student, as_teacher, register, training_pgd, weighter_for
 from .methods.ard import ard
 from .methods.mtard import baseline, baseline_mt, bmtard, mtard, mtard3, multi_teacher
-from .methods.natural import natural, sat
+from .methods.natural import natural, nfgsm, sat
 from .methods.rslad import rslad
 from .methods.trades import trades
 from .recipe import Branch
@@ -24,5 +24,5 @@ def get_preset(name: str) -> Entry:
 
 
 __all__ = ["PRESETS", "Branch", "PresetInfo", "ard", "as_student", "as_teacher", "baseline", "baseline_mt",
-           "bmtard", "get_preset", "mtard", "mtard3", "multi_teacher", "natural", "register", "rslad", "sat", "trades",
-           "training_pgd", "weighter_for"]
+           "bmtard", "get_preset", "mtard", "mtard3", "multi_teacher", "natural", "nfgsm", "register", "rslad", "sat",
+           "trades", "training_pgd", "weighter_for"]

@@ -246,7 +246,10 @@ class NFGSM(InputTransform):
     official code attacks the model as it trains: ``bn_mode="train"`` (BatchNorm on the batch, its running
     statistics updated by the attack's forward)."""
 
-    graph_safe = True
+    @property
+    def graph_safe(self) -> bool:  # type: ignore[override]
+        """Recordable, unless the model's mode is left as found (``bn_mode="keep"``), as :class:`PGD`."""
+        return self.bn_mode != "keep"
 
     def __init__(self, eps: float = 8 / 255, k: float = 2.0, alpha: float | None = None, clip: float | None = None,
                  bn_mode: BNMode = "train") -> None:

@@ -4,6 +4,7 @@ import copy
 import importlib
 import inspect
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -398,7 +399,40 @@ def test_a_latency_bound_attack_is_predicted_as_arithmetic_plus_fixed_steps_then
 
     te.clean("other", net)  # another model: its own latency, no scaling learnt on "m"
     te._latency_s["other"] = 2 * latency
-    assert te.predict(slow, 16, "other") == pytest.approx(16 * per_image + 2000 * latency)
+    per_pass = max(te._guess_s["other"], seconds / passes)  # its clean-pass guess, or "m"'s rate if larger
+    assert te.predict(slow, 16, "other") == pytest.approx(16 * 2 * per_pass + 2000 * latency)
+
+
+def test_time_predictions_follow_the_measured_rate_once_and_a_larger_model_keeps_its_own_guess(
+        net_and_data, monkeypatch):
+    """On a fake clock (each attack call costs 1 ms per image and gradient pass): a chunked row whose first guess
+    was 2x too fast predicts its next chunk right (the rate it feeds is not corrected a second time by the
+    attack's own ratio), and a model whose clean pass says it is 10x slower is not priced, before its first
+    gradient row, at the rate measured on a smaller model."""
+    ev = importlib.import_module("multiteach.evaluation")
+    net, x, y = net_and_data
+    clock, per_pass = [0.0], 1e-3
+    monkeypatch.setattr(ev, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def costs(attack):
+        def tick(calls):
+            clock[0] += 16 * attack.steps * per_pass  # batches of 16
+        attack.on_call = tick
+        return attack
+
+    te = TimedEvaluation(x, y, left=lambda: 1e9, batch_size=16, margin_s=5.0)
+    te.clean("small", net)
+    te._guess_s["small"] = per_pass / 2
+    pgd = costs(Counted(_pgd()))
+    assert te.predict(pgd, 16, "small") == pytest.approx(16 * 2 * per_pass / 2)
+    te.row("small", net, "pgd", pgd, n=32, chunk=16)
+    assert pgd.calls == 2 and te.predict(pgd, 16, "small") == pytest.approx(16 * 2 * per_pass)
+
+    te.clean("big", net)
+    te._guess_s["big"] = 10 * per_pass
+    assert te.predict(pgd, 16, "big") == pytest.approx(16 * 2 * 10 * per_pass)  # not "small"'s 1 ms
+    te._guess_s["big"] = per_pass / 10  # a clean pass that flatters it: the measured rate is the floor
+    assert te.predict(pgd, 16, "big") == pytest.approx(16 * 2 * per_pass)
 
 
 def test_reported_figures_run_without_tf32_and_a_tf32_table_says_so(net_and_data):

@@ -121,6 +121,10 @@ def test_the_paper_plan_trains_every_stage_with_its_official_settings(cifar_slic
     recipe = example.get_preset("mtard").fn("cifar_resnet8", "cifar_resnet8", "cifar_resnet8", **student.options)
     pgd = recipe.branches[0].transform
     assert (pgd.steps, pgd.start, pgd.alpha) == (10, "normal", 2 / 255) and recipe.branches[0].loss.reduction == "mean"
+    nfgsm = example.Pipeline(example.parser().parse_args(  # another teacher preset: its own settings, all of them
+        ["--plan", "paper", "--adv-preset", "nfgsm", "--data-dir", str(cifar_slice), "--run-dir", str(tmp_path)]))
+    t = nfgsm.teacher_config("adv").train
+    assert (t.epochs, t.schedule, t.cycle_momentum, t.lr, t.weight_decay) == (30, "cyclic", 0.8, 0.2, 5e-4)
 
 
 def test_the_adversarial_teacher_can_come_from_another_preset(cifar_slice, tmp_path):

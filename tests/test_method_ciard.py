@@ -173,7 +173,7 @@ def test_the_magnitude_weighter_and_the_push_loss_edge_cases():
 
 
 def test_a_schedule_of_the_users_is_never_mixed_with_the_presets():
-    """The preset's schedule comes whole or not at all: epochs of the user's with CIARD's hold would hold the LR
+    """The preset's schedule shape comes whole or not at all: a user's cosine with CIARD's hold would hold the LR
     for the whole run. A held cosine is a share of the epochs, so a budget that cuts them keeps its shape."""
     teachers = {r: {"model": "cifar_resnet8"} for r in PRESETS["ciard"].teachers}
     mine = mt.ExperimentConfig(preset="ciard", teachers=teachers, train={"epochs": 100, "milestones": [50, 75]}).train
@@ -181,6 +181,16 @@ def test_a_schedule_of_the_users_is_never_mixed_with_the_presets():
     short = mt.ExperimentConfig(preset="ciard", teachers=teachers, train={"epochs": 4, "schedule": "cosine"}).train
     assert short.hold_fraction == 0 and short.lr_factor(3.5) < 0.1  # it anneals
     assert mt.ExperimentConfig(preset="natural", train={"epochs": 5}).train.select == "clean"  # one by one
+    # a shape of the user's takes the preset's epochs, not TrainConfig's 300
+    assert mt.ExperimentConfig(preset="nfgsm", train={"schedule": "cosine"}).train.epochs == 30
+    assert mt.ExperimentConfig(preset="natural", train={"schedule": "cosine"}).train.epochs == 200
+    # epochs alone keep the preset's shape: the milestones at the same shares (200 at 100, 150 -> 50 at 25, 38),
+    # never TrainConfig's 215/260/285 past the end (a constant LR)
+    assert mt.ExperimentConfig(preset="sat", train={"epochs": 50}).train.milestones == [25, 38]
+    mtard = mt.ExperimentConfig(preset="mtard", teachers=teachers, train={"epochs": 100}).train
+    assert mtard.milestones == [72, 87, 95]
+    cyclic = mt.ExperimentConfig(preset="nfgsm", train={"epochs": 10}).train
+    assert (cyclic.schedule, cyclic.cycle_momentum, cyclic.lr_factor(5)) == ("cyclic", 0.8, 1.0)
     held = mt.TrainConfig(epochs=10, schedule="cosine", hold_fraction=0.5, milestones=[])
     assert [held.lr_factor(e) for e in (0, 4.9)] == [1.0, 1.0] and held.lr_factor(7.5) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="hold_fraction holds a cosine schedule"):

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import multiteach as mt
+from multiteach.data import TensorLoader, synthetic
+from multiteach.engine.optim import cycled_momentum
 from multiteach.transforms import module_mode
 from tests.conftest import tiny_net
 
@@ -132,8 +134,37 @@ def test_nfgsm_is_one_unprojected_step_from_wide_noise_as_its_code():
             assert torch.equal(a.running_mean, b.running_mean)
     clipped = mt.NFGSM(eps, clip=1.0)(net, x.double(), y)  # Fast AT's projection, if asked
     assert (clipped - x.double()).abs().max() <= eps + 1e-12
-    assert mt.NFGSM().graph_safe and mt.TrainConfig(schedule="cyclic", epochs=30, milestones=[]).lr_factor(15) == 1.0
-    assert mt.TrainConfig(schedule="cyclic", epochs=30, milestones=[]).lr_factor(7.5) == pytest.approx(0.5)
+    assert mt.NFGSM().graph_safe and not mt.NFGSM(bn_mode="keep").graph_safe  # keep: the recorded mode replays
+
+
+def test_the_nfgsm_schedule_is_torchs_cyclic_lr_with_its_momentum_cycle(tmp_path):
+    """N-FGSM's code steps torch's CyclicLR(base_lr=0, max_lr, half the steps up, half down) with its default
+    momentum cycle (0.9 at LR 0, 0.8 at the peak): the preset's schedule, step by step, and the trainer's SGD."""
+    cfg = mt.ExperimentConfig(preset="nfgsm", train={"epochs": 4}).train
+    assert (cfg.schedule, cfg.lr, cfg.momentum, cfg.cycle_momentum) == ("cyclic", 0.2, 0.9, 0.8)
+    steps_per_epoch = 5
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr, momentum=0.9)
+    total = cfg.epochs * steps_per_epoch
+    ref = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.0, max_lr=cfg.lr, step_size_up=total // 2,
+                                            step_size_down=total // 2)
+    for i in range(total):
+        factor = cfg.lr_factor(i / steps_per_epoch)
+        g = opt.param_groups[0]
+        assert (cfg.lr * factor, cycled_momentum(cfg, factor)) == (pytest.approx(g["lr"]), pytest.approx(g["momentum"]))
+        opt.step()
+        ref.step()
+    assert cycled_momentum(mt.TrainConfig(schedule="cosine", milestones=[]), 0.5) is None  # only when asked
+    two = mt.TrainConfig(epochs=2, batch_size=32, schedule="cyclic", milestones=[], cycle_momentum=0.8,
+                         eval_every=0, device="cpu", progress=False)
+    trainer = mt.Trainer(mt.presets.nfgsm(tiny_net(seed=0)), TensorLoader(synthetic(64, seed=0), 32), two,
+                         run_dir=tmp_path)
+    trainer.fit()  # its last step runs at epoch 1.5: LR factor 0.5, momentum halfway down
+    assert trainer.optimizer.param_groups[0]["momentum"] == pytest.approx(0.85)
+    for bad, match in (({"schedule": "cosine", "cycle_momentum": 0.8}, "cycle_momentum cycles SGD"),
+                       ({"schedule": "cyclic", "warmup_epochs": 1.0}, "set warmup_epochs = 0"),
+                       ({"schedule": "onecycle", "warmup_epochs": 1.0}, "set warmup_epochs = 0")):
+        with pytest.raises(ValueError, match=match):
+            mt.TrainConfig(milestones=[], **bad)
 
 
 @pytest.mark.parametrize("preset", ["sat", "nfgsm", "natural"])

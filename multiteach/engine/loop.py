@@ -29,7 +29,7 @@ from ..fast import accelerate
 from ..recipe import Recipe
 from ..runtime import StopFlag, autocast, resolve_device, resolve_precision, rng_state, set_rng_state, stop_on_signals
 from .checkpointer import Checkpointer, ConfigMismatchError
-from .optim import set_lr, student_optimizer, teacher_optimizer
+from .optim import cycled_momentum, set_lr, student_optimizer, teacher_optimizer
 from .runlog import RunLog, epoch_line, progress_bar, status_line
 from .validator import Validator
 
@@ -199,7 +199,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- validation
     def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
-        """Clean and PGD-k accuracy on the validation split, in fp32, in eval mode (default: the student)."""
+        """Clean and PGD-k accuracy on the validation split, in eval mode (default: the student); fp32 with TF32
+        allowed, as it selects models and reports no figure."""
         return self.validator.evaluate(self.recipe.student if model is None else model)
 
     def _validate(self, record: dict[str, Any]) -> torch.nn.Module | None:
@@ -359,6 +360,10 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         factor = self.cfg.lr_factor(progress)
         set_lr([(opt, self.cfg.lr if base is None else base) for opt, base in self._lr_bases], factor)
+        momentum = cycled_momentum(self.cfg, factor)
+        if momentum is not None:  # the student's SGD only: a trainable teacher keeps its own optimizer's setting
+            for g in self.optimizer.param_groups:
+                g["momentum"] = momentum
         self.recipe.on_lr(factor)
         with autocast(self.precision, self.device):
             out = self.recipe(x, y, model=self.train_model)

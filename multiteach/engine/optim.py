@@ -97,4 +97,13 @@ def set_lr(optimizers: Iterable[tuple[torch.optim.Optimizer, float]], factor: fl
             g["lr"] = base * factor
 
 
-__all__ = ["build_optimizer", "lr_factor", "optimizer_class", "set_lr", "student_optimizer", "teacher_optimizer"]
+def cycled_momentum(cfg: Any, factor: float) -> float | None:
+    """SGD momentum at LR factor ``factor`` of a cyclic schedule with ``cycle_momentum``: from ``momentum`` at
+    LR 0 down to ``cycle_momentum`` at the peak, against the LR, as torch's CyclicLR; None otherwise."""
+    if getattr(cfg, "cycle_momentum", None) is None:
+        return None
+    return cfg.momentum - (cfg.momentum - cfg.cycle_momentum) * factor
+
+
+__all__ = ["build_optimizer", "cycled_momentum", "lr_factor", "optimizer_class", "set_lr", "student_optimizer",
+           "teacher_optimizer"]

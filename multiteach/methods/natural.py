@@ -32,14 +32,15 @@ def sat(student: ModelLike = "cifar_resnet18", *, num_classes: int = 10, eps: fl
 
 
 @register("nfgsm", "N-FGSM, de Jorge et al. 2022: CE on one step of eps from x + U(-2eps, 2eps), not projected",
-          epochs=30, schedule="cyclic", milestones=(), lr=0.2, weight_decay=5e-4)
+          epochs=30, schedule="cyclic", milestones=(), cycle_momentum=0.8, lr=0.2, weight_decay=5e-4)
 def nfgsm(student: ModelLike = "cifar_resnet18", *, num_classes: int = 10, eps: float = 8 / 255, k: float = 2.0,
           alpha: float | None = None, clip: float | None = None, bn_mode: str = "train",
           label_smoothing: float = 0.0) -> Recipe:
     """Single-step adversarial training (pdejorge/N-FGSM ``train.py`` defaults): CE(S(x'), y), x' one signed
     step of eps from x + U(-2 eps, 2 eps), inside [0, 1], no projection to the eps-ball, the student attacked in
-    train mode; 30 epochs, SGD 0.2 with the code's cyclic LR (linear up to the peak at half, down to 0), weight
-    decay 5e-4. A cheap adversarial teacher: one gradient pass per batch where PGD-10 takes ten.
+    train mode; 30 epochs, SGD 0.2 with the code's cyclic LR (torch's CyclicLR: linear up to the peak at half,
+    down to 0, momentum 0.9 falling to 0.8 at the peak), weight decay 5e-4. A cheap adversarial teacher: one
+    gradient pass per batch where PGD-10 takes ten.
     ``label_smoothing`` on the CE, as :func:`sat`."""
     return Recipe(as_student(student, num_classes),
                   [Branch(NFGSM(eps, k, alpha, clip, bn_mode), CrossEntropy(label_smoothing), name="adv_ce")],
