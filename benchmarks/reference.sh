@@ -39,7 +39,8 @@ left=$(python3 -c "import sys, time; print(f'{float(sys.argv[1]) - (time.time() 
        "${BUDGET:-540}" "$start")
 echo "reference run: ${left} s of ${BUDGET:-540} s left after setup"
 set +e
-# SIGTERM 60 s past the budget: the trainer checkpoints and exits 3 (the same command resumes)
+# SIGTERM 60 s past the budget: a stage checkpoints, the evaluation keeps its finished rows in eval.json, the
+# example ends in one line (timeout then exits 124); the same command resumes
 timeout --signal=TERM "$(python3 -c "print(int(float('$left')) + 60)")" \
   python3 examples/mtard_cifar.py --plan "${PLAN:-speedrun}" --budget "${BUDGET:-540}" --started-at "$start" \
     --data-dir "$DATA_DIR" \

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 
 from mtard_cifar import Pipeline, add_arguments  # noqa: E402
 
+from multiteach.pipeline import run_command  # noqa: E402
 from multiteach.presets import get_preset  # noqa: E402
 
 DEFENSES = ["natural", "sat", "trades", "ard", "rslad", "mtard"]
@@ -89,4 +90,4 @@ def teacher_for(role: str, teachers: dict[str, tuple[str, str]], run: Pipeline) 
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

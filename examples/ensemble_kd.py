@@ -27,7 +27,7 @@ from multiteach.build import Splits, eval_tensors, load_splits
 from multiteach.config import DataConfig
 from multiteach.data import split_validation, synthetic
 from multiteach.evaluation import accuracy_table, correct_mask
-from multiteach.pipeline import stage_config, train_cached, train_stage
+from multiteach.pipeline import run_command, stage_config, train_cached, train_stage
 from multiteach.runtime import resolve_device
 from multiteach.teachers import load_model
 
@@ -132,4 +132,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -36,13 +36,14 @@ from multiteach.config import DataConfig, ExperimentConfig, apply_override
 from multiteach.distributed import DistContext
 from multiteach.evaluation import (
     AutoAttack,
+    Report,
     TimedEvaluation,
     black_box_attacks,
     precision_label,
     slow_subsets,
     standard_attacks,
 )
-from multiteach.pipeline import evaluate_checkpoint, stage_config, train_cached, train_stage
+from multiteach.pipeline import StageStopped, evaluate_checkpoint, run_command, stage_config, train_cached, train_stage
 from multiteach.presets import get_preset
 from multiteach.teachers import load_model
 
@@ -172,6 +173,7 @@ class Pipeline:
         self.timings: dict[str, float] = {}
         self.origins: dict[str, str] = {}  # per teacher role: the preset that trained it, or "given"
         self.environment = environment()
+        self.stopped: str | None = None  # why the evaluation stopped early, if it did
         console.log(" | ".join(f"{k} {v}" for k, v in self.environment.items()))
 
     @property
@@ -305,33 +307,43 @@ class Pipeline:
         rows = standard_attacks()
         aa_n = a.slow_n or self.plan.get("budget", DEFAULT_BUDGET)["autoattack_n"]
         aa = AutoAttack() if a.autoattack else None
-        ev.clean(student, models[student])
-        for name, attack in rows.items():
-            ev.row(student, models[student], name, attack, required=name == "pgd_sat")
         nat_clean = None
-        if "nat" in teachers:
-            nat = load_model(*teachers["nat"], self.splits.num_classes).to(device)
-            nat_clean = ev.clean(f"nat teacher ({teachers['nat'][0]})", nat)
-        for t in rest:
-            ev.clean(t, models[t])
-            ev.row(t, models[t], "pgd_sat", rows["pgd_sat"])
-        if ev.tf32:  # what TF32 changes: the student's PGD_SAT on the first images in strict fp32
-            ev.row(student, models[student], "pgd_sat_fp32", standard_attacks()["pgd_sat"], n=1000, tf32=False)
-        if aa is not None:
-            ev.row(student, models[student], "autoattack", aa, n=aa_n, chunk=_chunks(aa_n))
-        for t in rest:
+
+        def run_rows() -> None:
+            nonlocal nat_clean
+            ev.clean(student, models[student])
             for name, attack in rows.items():
-                if name != "pgd_sat":
-                    ev.row(t, models[t], name, attack)
-        if a.black_box and "adv" in teachers:
-            for name, attack in black_box_attacks(models[rest[0]]).items():
-                ev.row(student, models[student], name, attack, n=aa_n)
-        if aa is not None:
+                ev.row(student, models[student], name, attack, required=name == "pgd_sat")
+            if "nat" in teachers:
+                nat = load_model(*teachers["nat"], self.splits.num_classes).to(device)
+                nat_clean = ev.clean(f"nat teacher ({teachers['nat'][0]})", nat)
             for t in rest:
-                ev.row(t, models[t], "autoattack", aa, n=aa_n, chunk=_chunks(aa_n))
+                ev.clean(t, models[t])
+                ev.row(t, models[t], "pgd_sat", rows["pgd_sat"])
+            if ev.tf32:  # what TF32 changes: the student's PGD_SAT on the first images in strict fp32
+                ev.row(student, models[student], "pgd_sat_fp32", standard_attacks()["pgd_sat"], n=1000, tf32=False)
+            if aa is not None:
+                ev.row(student, models[student], "autoattack", aa, n=aa_n, chunk=_chunks(aa_n))
+            for t in rest:
+                for name, attack in rows.items():
+                    if name != "pgd_sat":
+                        ev.row(t, models[t], name, attack)
+            if a.black_box and "adv" in teachers:
+                for name, attack in black_box_attacks(models[rest[0]]).items():
+                    ev.row(student, models[student], name, attack, n=aa_n)
+            if aa is not None:
+                for t in rest:
+                    ev.row(t, models[t], "autoattack", aa, n=aa_n, chunk=_chunks(aa_n))
+
+        try:
+            run_rows()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (run_command): keep the rows done, then exit 3
+            self.stopped = "stopped by a signal during the evaluation: the table holds the rows finished before it"
+            ev.skipped.append("the rest (stopped by a signal)")
+            ev.reports.setdefault(student, Report(n=0))
         self.timings[f"{preset}_eval_s"] = time.perf_counter() - t0
         result = {**ev.reports[student].to_dict(),
-                  "models": {k: r.to_dict() for k, r in ev.reports.items()},
+                  "models": {k: r.to_dict() for k, r in ev.reports.items()}, "stopped": self.stopped,
                   "nat_teacher_clean": nat_clean, "skipped": ev.skipped, "timings": self.timings, "tf32": ev.tf32,
                   "budget": self.budget.summary() if self.budget is not None else None,
                   "data": a.data_dir or "torchvision", "preset": preset, "environment": self.environment}
@@ -414,8 +426,10 @@ def main(argv: list[str] | None = None) -> dict:
     report = run.reference_table(args.preset, best, teachers)
     console.log(f"stage times {json.dumps({k: round(v, 1) for k, v in run.timings.items()})}")
     Console().print(run.result_table)  # last: the device tool and CI logs show the end of the output
+    if run.stopped:
+        raise StageStopped(f"{run.stopped} ({best.parent / 'eval.json'})")
     return report
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -25,7 +25,7 @@ from rich.console import Console
 from multiteach.build import build_model, eval_tensors, load_splits
 from multiteach.config import DataConfig, ModelConfig
 from multiteach.evaluation import accuracy_table, correct_mask
-from multiteach.pipeline import stage_config, train_cached, train_stage
+from multiteach.pipeline import run_command, stage_config, train_cached, train_stage
 from multiteach.runtime import resolve_device
 
 console = Console(stderr=True)
@@ -103,4 +103,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

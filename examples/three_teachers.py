@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from mtard_cifar import Pipeline, add_arguments, console, plot  # noqa: E402
 
+from multiteach.pipeline import run_command  # noqa: E402
 from multiteach.transforms import PGD  # noqa: E402
 
 
@@ -41,4 +42,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

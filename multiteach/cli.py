@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import errno
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+
+from .signals import sigterm_interrupts
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_INTERNAL = 1, 2, 3, 4
 
@@ -327,12 +328,9 @@ def one_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)  # --help and usage errors end here, before anything heavy is imported
     try:  # SIGTERM before training's own handler (start-up, eval) ends like SIGINT: exit 3, one line
-        previous = signal.signal(signal.SIGTERM, _interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        previous = _interrupt
-    try:
-        _import_plugins(args.plugin)
-        return args.fn(args)
+        with sigterm_interrupts():
+            _import_plugins(args.plugin)
+            return args.fn(args)
     except KeyboardInterrupt:
         if args.debug:
             raise
@@ -353,9 +351,6 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]internal error:[/] {escape(type(e).__name__)}: {escape(one_line(e))} (traceback in "
                       f"{f.name}; --debug shows it; please report it)", highlight=False, soft_wrap=True)
         return EXIT_INTERNAL
-    finally:
-        if previous is not _interrupt:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _import_plugins(modules: list[str]) -> None:
@@ -397,9 +392,6 @@ def exit_code(e: BaseException) -> int:
 _DISK_FULL = {getattr(errno, "EDQUOT", -1): "the disk quota is exhausted", errno.ENOSPC: "no space left on the disk",
               errno.EFBIG: "the file-size limit (ulimit -f) was reached"}
 
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 
@@ -18,12 +19,30 @@ from .build import Splits, build_trainer, eval_tensors
 from .config import ExperimentConfig, ModelConfig
 from .distributed import DistContext
 from .evaluation import Report, evaluate
+from .signals import sigterm_interrupts
 
 DONE = "done.json"
 
 
 class StageStopped(RuntimeError):
     """A stage was interrupted (SIGINT/SIGTERM) after writing its checkpoint."""
+
+
+T = TypeVar("T")
+EXIT_STOPPED = 3
+
+
+def run_command(main: Callable[[], T], console: Console | None = None) -> T:
+    """An example's ``main`` as a command: SIGTERM (a scheduler's or ``timeout``'s) stops it as Ctrl-C does,
+    and a stop ends in one line and exit code 3, not a traceback; what finished is kept (checkpoints, cached
+    stages), so the same command goes on."""
+    try:
+        with sigterm_interrupts():
+            return main()
+    except (StageStopped, KeyboardInterrupt) as e:
+        why = str(e) if isinstance(e, StageStopped) else "stopped by a signal; run the same command again to resume"
+        (console or Console(stderr=True)).print(f"[bold]stopped[/]: {why}", highlight=False, soft_wrap=True)
+        raise SystemExit(EXIT_STOPPED) from None
 
 
 def cache_entry(cfg: ExperimentConfig, cache_dir: str | Path) -> Path:
@@ -96,4 +115,5 @@ def stage_config(preset: str, model: str | ModelConfig, data: Any, run_dir: str 
     )
 
 
-__all__ = ["StageStopped", "cache_entry", "evaluate_checkpoint", "stage_config", "train_cached", "train_stage"]
+__all__ = ["EXIT_STOPPED", "StageStopped", "cache_entry", "evaluate_checkpoint", "run_command", "stage_config",
+           "train_cached", "train_stage"]

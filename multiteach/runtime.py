@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import random
-import signal
 from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
 import torch
+
+from .signals import StopFlag, sigterm_interrupts, stop_on_signals  # re-exported: their historical home
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -93,40 +94,5 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it between steps, saves and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else ""
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[StopFlag]:
-    flag = StopFlag()
-
-    def handler(signum: int, frame: object) -> None:
-        flag.signum = signum
-
-    old = {}
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread: leave signals to the caller
-        pass
-    try:
-        yield flag
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-
-
 __all__ = ["Precision", "StopFlag", "autocast", "resolve_device", "resolve_precision", "rng_state",
-           "seed_everything", "set_rng_state", "stop_on_signals", "tf32"]
+           "seed_everything", "set_rng_state", "sigterm_interrupts", "stop_on_signals", "tf32"]

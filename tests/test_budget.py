@@ -397,13 +397,14 @@ def test_the_time_up_at_the_end_of_an_epoch_stops_the_run(tmp_path):
     assert (tmp_path / "best.pt").is_file()
 
 
-def _stop_and_resume(cut_dir, budget, k):
+def _stop_and_resume(cut_dir, budget, k, resume_budget="same"):
     trainer = _trainer(cut_dir, budget, val=False)
     trainer.recipe.forward = SignalAtStep(trainer.recipe.forward, k)
     res = trainer.fit()
     assert res.status.startswith("interrupted") and res.global_step == k
     ckpt = torch.load(cut_dir / "last.pt", weights_only=True)
-    resumed = _trainer(cut_dir, budget, val=False, recipe=_natural(seed=1))  # a fresh config: max epochs 20
+    resumed = _trainer(cut_dir, budget if resume_budget == "same" else resume_budget, val=False,
+                       recipe=_natural(seed=1))  # a fresh config: max epochs 20
     return ckpt, resumed, resumed.fit()
 
 
@@ -415,6 +416,15 @@ def test_a_resumed_run_keeps_its_plan(tmp_path):
     assert resumed.cfg.epochs == 6 and resumed.planner.epochs == 6
     assert res.status == "finished" and res.epoch == 6 and res.global_step == 48
     _assert_lrs(tmp_path, PLAN_55, 48)  # the same LR trace as the uninterrupted run
+
+
+def test_a_budgeted_run_resumed_without_its_budget_keeps_its_plan(tmp_path):
+    """The pipeline may go on as a later command without --budget: the run ends at its planned 6 epochs, its
+    cosine over those, not restarted over the 20 the config allows (the LR would jump back up)."""
+    ckpt, resumed, res = _stop_and_resume(tmp_path, 55, 36, resume_budget=None)
+    assert ckpt["planned_epochs"] == 6 and resumed.planner is None and resumed.cfg.epochs == 6
+    assert res.status == "finished" and res.epoch == 6 and res.global_step == 48
+    _assert_lrs(tmp_path, PLAN_55, 48)
 
 
 def test_a_run_stopped_before_its_plan_plans_after_the_resume(tmp_path):

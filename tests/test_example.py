@@ -1,12 +1,15 @@
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from multiteach.evaluation import TimedEvaluation
+from multiteach.pipeline import run_command
 from tests.conftest import SHARED
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -32,10 +35,11 @@ def run_reference(out: Path, run_dir: Path, data: Path, budget: int, *extra: str
                           timeout=900)
 
 
-def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar_slice, tmp_path):
+def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar_slice, tmp_path, monkeypatch):
     """benchmarks/reference.sh (tiny plan, ample budget) on a slice of CIFAR-10: teachers, student, the table
-    with the teacher's rows and AutoAttack, at most 8 files out; then the N = 3 example, which must reuse the
-    two cached teachers and train only the third."""
+    with the teacher's rows and AutoAttack, at most 8 files out; the same command stopped by SIGTERM in its
+    evaluation keeps the rows before it (exit 3); then the N = 3 example, which must reuse the two cached
+    teachers and train only the third."""
     out, run_dir = tmp_path / "out", tmp_path / "ref"
     short = ["--nat-epochs", "2", "--adv-epochs", "1"]
     proc = run_reference(out, run_dir, cifar_slice, 600, "--eval-n", "100", "--slow-n", "4", "--epochs", "2",
@@ -58,6 +62,28 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
     assert set(result["budget"]["stages"]) == {"nat", "adv", "student"}
     if SHARED.is_dir():
         assert rows["fgsm"]["clean"] > 0.15  # better than chance on the real slice
+
+    # the same command again (every stage finished: skipped), a SIGTERM in its third row: the rows before it
+    # are kept in eval.json and the table, the command ends in one line with exit code 3
+    example = load("mtard_cifar")
+    row, calls = TimedEvaluation.row, []
+
+    def row_then_sigterm(self, *args, **kwargs):
+        calls.append(args[2])  # (model name, model, row name, attack)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return row(self, *args, **kwargs)
+
+    monkeypatch.setattr(TimedEvaluation, "row", row_then_sigterm)
+    argv = ["--plan", "tiny", "--data-dir", str(cifar_slice), "--run-dir", str(run_dir / "run"), "--teacher-cache",
+            str(run_dir / "teachers"), "--quiet", "--eval-n", "100", "--epochs", "2", *short]
+    with pytest.raises(SystemExit) as stop:
+        run_command(lambda: example.main(argv))
+    monkeypatch.undo()
+    assert stop.value.code == 3 and calls == ["fgsm", "pgd_sat", "pgd_trades"]
+    stopped = json.loads(next((run_dir / "run").glob("*/eval.json")).read_text())
+    assert [r["attack"] for r in stopped["rows"]] == ["fgsm", "pgd_sat"] and stopped["stopped"]
+    assert stopped["skipped"] == ["the rest (stopped by a signal)"]
 
     cache = run_dir / "teachers"
     entries = sorted(cache.iterdir())

@@ -569,3 +569,27 @@ def test_a_full_disk_on_any_other_write_is_exit_2_naming_the_file():
                            "device): free space (or write elsewhere) and run the same command again; a training "
                            "resumes from its last checkpoint")
     assert cli.exit_code(OSError(errno.EIO, "I/O error")) == cli.EXIT_INTERNAL
+
+
+def test_an_example_stopped_by_a_signal_ends_in_one_line_with_exit_code_3(capsys):
+    """run_command: the examples' stops (a stage's StageStopped, Ctrl-C, a scheduler's SIGTERM anywhere) end with
+    exit code 3 and one line, not a traceback; SIGTERM's own handler is given back."""
+    from multiteach.pipeline import StageStopped, run_command
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_command(lambda: 7) == 7
+
+    def stage():
+        raise StageStopped("runs/x: interrupted (SIGTERM); run the same command again to resume")
+
+    def sigterm():
+        signal.raise_signal(signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    for main in (stage, sigterm):
+        with pytest.raises(SystemExit) as stop:
+            run_command(main)
+        assert stop.value.code == 3
+    out = capsys.readouterr().err
+    assert "stopped: runs/x: interrupted (SIGTERM)" in out and "stopped by a signal" in out
+    assert "Traceback" not in out and signal.getsignal(signal.SIGTERM) == before

@@ -27,7 +27,8 @@ from ..data import TensorLoader
 from ..distributed import DistContext
 from ..fast import accelerate
 from ..recipe import Recipe
-from ..runtime import StopFlag, autocast, resolve_device, resolve_precision, rng_state, set_rng_state, stop_on_signals
+from ..runtime import autocast, resolve_device, resolve_precision, rng_state, set_rng_state
+from ..signals import StopFlag, stop_on_signals
 from .checkpointer import Checkpointer, ConfigMismatchError
 from .optim import cycled_momentum, set_lr, student_optimizer, teacher_optimizer
 from .runlog import RunLog, epoch_line, progress_bar, status_line
@@ -181,8 +182,10 @@ class Trainer:
                 raise ConfigMismatchError(f"{path} holds no EMA weights: resume with ema_decay unset, or use a new "
                                           "run_dir")
             self.ema.module.load_state_dict(ckpt["ema"])
-        if self.planner is not None and ckpt.get("planned_epochs"):
-            self.cfg.epochs = self.planner.epochs = int(ckpt["planned_epochs"])
+        if ckpt.get("planned_epochs"):  # a budgeted run goes on with its plan, with or without a budget now: its
+            self.cfg.epochs = int(ckpt["planned_epochs"])  # schedule anneals over those epochs
+            if self.planner is not None:
+                self.planner.epochs = self.cfg.epochs
         if ckpt["loader"] is not None:
             self.loader.load_state_dict(ckpt["loader"])
         set_rng_state(ckpt["rng"])
