@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +104,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
         raise CheckpointError(
             f"checkpoint {str(path)!r} holds pickled objects other than tensors and plain containers, and is "
-            f"refused (weights_only=True): re-save only its state_dict. Detail: {first}"
+            f"refused (weights_only=True): re-save only its state_dict. Detail: {detail or type(e).__name__}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({e}): is it a torch.save file?") from None
+    except Exception as e:  # not a torch.save file at all (text, a truncated zip, another format): one line
+        what = f"{type(e).__name__}: {e}" if not isinstance(e, (RuntimeError, EOFError, OSError)) else str(e)
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({what}): is it a torch.save file?") from None
 
 
 def state_dict_of(obj: Any) -> dict[str, Tensor]:

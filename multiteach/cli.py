@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def _summary(cfg: Any, result: Any) -> None:
 
     t = Table(title=f"{cfg.preset} ({cfg.student.model}) in {cfg.run_dir}")
     t.add_column("epoch", justify="right")
-    for col in ("val clean %", "val PGD-20 %", "val W-Robust %", "img/s"):
+    for col in ("val clean %", f"val PGD-{cfg.train.eval_pgd_steps} %", "val W-Robust %", "img/s"):
         t.add_column(col, justify="right")
     for r in result.history[-5:]:
         t.add_row(str(r["epoch"]), *(f"{100 * r[k]:.2f}" if k in r else "-" for k in
@@ -130,7 +131,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     recorded = _recorded_data(args.checkpoint)  # the resolution and augmentation the model was trained with
     image_size = args.image_size or (recorded["image_size"] if isinstance(recorded.get("image_size"), int) else None)
     augment = recorded.get("augment") if recorded.get("augment") in ("crop_flip", "resized_crop", "none") else "auto"
-    data = DataConfig(data_dir=args.data_dir, download=args.download, root=args.root, dataset=args.dataset,
+    # the test split of the data it was trained on, unless told otherwise (a recorded folder only if it is here)
+    dataset = args.dataset or recorded.get("dataset") or "cifar10"
+    same = args.dataset is None or args.dataset == recorded.get("dataset")
+    data_dir = args.data_dir or (recorded.get("data_dir") if same and not args.download and isinstance(
+        recorded.get("data_dir"), str) and Path(recorded["data_dir"]).is_dir() else None)
+    root = args.root or (recorded.get("root") if same and isinstance(recorded.get("root"), str) else None) or "data"
+    data = DataConfig(data_dir=data_dir, download=args.download, root=root, dataset=dataset,
                       val_size=0, image_size=image_size, augment=augment, workers=args.workers)
     device = resolve_device(args.device)  # a device this machine lacks is refused before any work
     splits = load_splits(data, synthetic_data=args.synthetic)
@@ -153,7 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           subsets=slow_subsets(args.slow_n), tf32=ecfg.tf32,
                           on_row=lambda r: console.log(f"{r.attack}: robust {100 * r.robust:.2f}% ({r.seconds:.1f} s)"))
     report.meta.update(checkpoint=args.checkpoint, model=model_name, device=str(device),
-                       data=args.data_dir or "torchvision", dataset=args.dataset, image_size=splits.image_size,
+                       data=data_dir or "torchvision", dataset=dataset, image_size=splits.image_size,
                        eps=ecfg.eps)
     Console().print(report.table(f"{model_name} from {args.checkpoint}"))
     report.save_json(out)
@@ -195,28 +202,42 @@ DEFAULT_TEACHERS = {"adv": "cifar_wrn34_10", "nat": "cifar_resnet56", "l2": "cif
 FRESH_ROLES = {"peer"}  # teachers trained from scratch alongside the student (an online peer): no checkpoint
 
 
-def preset_config(preset: str) -> dict[str, Any]:
-    """The full config of a preset with its official schedule, as a dict (teachers' paths to fill in)."""
-    from .config import ExperimentConfig
+def preset_config(preset: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The full config of a preset with its official settings, as a dict (teachers' paths to fill in). The
+    ``--set KEY=VALUE`` overrides go in first and the preset fills the rest, so ``train.epochs`` alone keeps its
+    schedule's shape; the result is validated (a misspelt key is refused here, not when training starts)."""
+    import copy
+
+    from .config import ExperimentConfig, apply_override
     from .presets import get_preset
 
     info = get_preset(preset)
-    base = ExperimentConfig(preset="natural").model_dump(mode="json")
-    base.update(preset=preset, run_dir=f"runs/{preset}")
-    base["train"].update({k: list(v) if isinstance(v, tuple) else v for k, v in info.schedule.items()})
-    base["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in info.options().items() if v is not None}
-    base["teachers"] = {r: {"model": DEFAULT_TEACHERS.get(r, "cifar_resnet18"),
-                            "checkpoint": None if r in FRESH_ROLES else f"runs/{r}_teacher/best.pt"}
-                        for r in info.teachers}
+    given: dict[str, Any] = {"preset": preset, "run_dir": f"runs/{preset}",
+                             "teachers": {r: {"model": DEFAULT_TEACHERS.get(r, "cifar_resnet18"),
+                                              "checkpoint": None if r in FRESH_ROLES else f"runs/{r}_teacher/best.pt"}
+                                          for r in info.teachers}}
+    for o in overrides:
+        apply_override(given, o)
+    checkable = copy.deepcopy(given)  # the teachers' files need not exist yet: train checks them
+    for t in checkable.get("teachers", {}).values():
+        if isinstance(t, dict):
+            t["checkpoint"] = None
+    base = ExperimentConfig.model_validate(checkable).model_dump(mode="json")
+    for role, t in base["teachers"].items():
+        t["checkpoint"] = given["teachers"][role].get("checkpoint")
+    unknown = sorted(set(base["options"]) - set(info.options()))
+    if unknown:
+        raise UsageError(f"options {', '.join(unknown)}: not options of preset {preset!r} (its options: "
+                         f"{', '.join(sorted(info.options()))})")
+    base["options"] = {**{k: list(v) if isinstance(v, tuple) else v for k, v in info.options().items()
+                          if v is not None}, **base["options"]}
     return base
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .config import apply_override, to_toml
+    from .config import to_toml
 
-    d = preset_config(args.preset)
-    for o in args.set:
-        apply_override(d, o)
+    d = preset_config(args.preset, args.set)
     head = f"# multiteach config for preset {args.preset!r}; run: multiteach train {args.output or 'THIS.toml'}\n"
     if d.get("teachers"):
         head += "# teachers' checkpoints must exist (train them with preset 'natural' / 'sat' / 'trades').\n"
@@ -260,13 +281,13 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="the robustness table of a checkpoint on the test set")
     e.add_argument("checkpoint")
     e.add_argument("--model", help="timm name (default: the one the checkpoint records)")
-    e.add_argument("--dataset", default="cifar10",
-                   help="a registered dataset: cifar10 (default), cifar100, svhn, imagefolder (evaluated on DIR/val), "
-                        "npz, or a --plugin's")
+    e.add_argument("--dataset",
+                   help="a registered dataset: cifar10, cifar100, svhn, imagefolder (evaluated on DIR/val), npz, or a "
+                        "--plugin's (default: the one the checkpoint was trained on, else cifar10)")
     e.add_argument("--data-dir", help="folder with train.npz/test.npz, or for imagefolder with train/<class>/* and "
-                                      "val/<class>/*")
-    e.add_argument("--download", action="store_true")
-    e.add_argument("--root", default="data")
+                                      "val/<class>/* (default: the checkpoint's, if that folder is here)")
+    e.add_argument("--download", action="store_true", help="download the dataset through torchvision")
+    e.add_argument("--root", help="torchvision data folder (default: the checkpoint's, else 'data')")
     e.add_argument("--image-size", type=int, help="resolution in pixels (default: the one the checkpoint was trained "
                                                   "at, else the dataset's own; 224 for imagefolder)")
     e.add_argument("--workers", type=int, help="processes decoding image files (default: min(8, CPUs))")
@@ -305,6 +326,39 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _settings_at(title: str, loc: Sequence[Any]) -> list[str]:
+    """The field names of the config table at ``loc`` under the model named ``title`` (for a misspelt key)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from . import config
+
+    model: Any = getattr(config, title, None)
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+        if part not in model.model_fields:
+            continue  # a dict key (a teacher's role): the value's model follows
+        pending, model = [model.model_fields[part].annotation], None
+        while pending:
+            t = pending.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                model = t
+                break
+            pending.extend(typing.get_args(t))
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _did_you_mean(name: str, choices: Sequence[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=1)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (the settings here: {', '.join(choices)})" if choices else ""
+
+
 def one_line(e: BaseException) -> str:
     """An exception as one line: pydantic's errors as 'field: message' pairs."""
     from pydantic import ValidationError
@@ -314,6 +368,8 @@ def one_line(e: BaseException) -> str:
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"]) or e.title
             msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden" and err["loc"]:
+                msg = "unknown setting" + _did_you_mean(str(err["loc"][-1]), _settings_at(e.title, err["loc"][:-1]))
             got = "" if "input" not in err or isinstance(err["input"], dict) else f" (got {err['input']!r})"
             parts.append(f"{loc}: {msg}{got}")
         return "invalid configuration: " + "; ".join(parts)

@@ -222,8 +222,8 @@ def load_cifar(dataset: str = "cifar10", data_dir: str | os.PathLike | None = No
         splits = [cls(str(root), train=t, download=download) for t in (True, False)]
     except RuntimeError as e:
         raise FileNotFoundError(
-            f"{dataset} not found under {str(root)!r} ({e}): pass download=True (--set data.download=true) "
-            "or data_dir= a folder with train.npz/test.npz"
+            f"{dataset} not found under {str(root)!r} ({e}): pass download = true "
+            "(a config's data.download; `multiteach eval --download`), or data_dir = a folder with train.npz/test.npz"
         ) from None
     return tuple(Arrays(np.asarray(s.data, dtype=np.uint8), np.asarray(s.targets, dtype=np.int64))
                  for s in splits)  # type: ignore[return-value]

@@ -103,7 +103,7 @@ def svhn(data_dir: str | None = None, root: str = "data", download: bool = False
     if missing:
         raise FileNotFoundError(
             f"svhn not found under {str(r)!r} (no {' or '.join(missing)}): pass download = true "
-            "(--set data.download=true), or data_dir = a folder with train.npz/test.npz"
+            "(a config's data.download; `multiteach eval --download`), or data_dir = a folder with train.npz/test.npz"
         )
     train, test = (_shuffled_if_sorted(_read_svhn_mat(r / SVHN_FILES[s])) for s in ("train", "test"))
     return Dataset(train, test, num_classes=10, classes=classes, image_size=32)

@@ -332,8 +332,12 @@ class TimedEvaluation:
             per_pass = seconds / passes
         else:
             seconds, passes = (sum(v[i] for v in self._passes.values()) for i in (0, 1))
-            pooled = seconds / passes if passes else 0.0
-            per_pass = max(self._guess_s.get(model_name, next(iter(self._guess_s.values()), 0.0)), pooled)
+            pooled = seconds / passes if passes else None
+            guess = self._guess_s.get(model_name)
+            if guess is not None:
+                per_pass = max(guess, pooled or 0.0)
+            else:  # a model without a clean pass: the measured rate, else any model's guess
+                per_pass = pooled if pooled is not None else next(iter(self._guess_s.values()), 0.0)
         latency = self._latency_s.get(model_name, next(iter(self._latency_s.values()), 0.0))
         return n * attack_cost(attack) * per_pass + attack_latency_steps(attack) * latency
 
@@ -426,10 +430,11 @@ class TimedEvaluation:
 
 
 def clean_and_pgd(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], steps: int = 20,
-                  eps: float = 8 / 255, dist: Any = None, tf32: bool = True) -> dict[str, float]:
-    """The training hook's check: clean and PGD_SAT-``steps`` accuracy over a loader (all ranks summed);
-    ``steps=0``: clean accuracy only. It selects models, it reports no figure: TF32 allowed by default."""
-    attack = PGD(eps, 2 / 255, steps, start="uniform") if steps > 0 else None
+                  eps: float = 8 / 255, dist: Any = None, tf32: bool = True, norm: str = "Linf") -> dict[str, float]:
+    """The training hook's check: clean and PGD-``steps`` accuracy (step eps/4 from a uniform start: PGD_SAT at
+    L-inf 8/255) over a loader (all ranks summed); ``steps=0``: clean accuracy only. It selects models, it
+    reports no figure: TF32 allowed by default."""
+    attack = PGD(eps, eps / 4, steps, start="uniform", norm=norm) if steps > 0 else None
     counts = torch.zeros(3, dtype=torch.float64)
     for xb, yb in loader:
         if len(yb):  # a rank's share of the last global batch can be empty

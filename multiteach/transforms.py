@@ -97,6 +97,13 @@ def _per_sample_norm(t: Tensor) -> Tensor:
 
 
 @ATTACKS.register("pgd")
+def check_linf_eps(eps: float) -> None:
+    """An L-inf radius above 1 on [0, 1] images is almost surely a radius in pixel units (8 for 8/255)."""
+    if eps > 1:
+        raise ValueError(f"L-inf eps {eps:g} > 1: images are in [0, 1], so it allows any image; did you mean "
+                         f"{eps:g}/255 = {eps / 255:.6f}?")
+
+
 class PGD(InputTransform):
     """Projected gradient descent (Madry et al. 2018) in the L-inf or L2 ball, inside [0, 1].
 
@@ -141,6 +148,8 @@ class PGD(InputTransform):
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}: use one of {allowed}")
+        if norm == "Linf":
+            check_linf_eps(eps)
         self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
         self.norm: Norm = norm
         self.start: Start = start
@@ -257,6 +266,7 @@ class NFGSM(InputTransform):
             raise ValueError(f"N-FGSM needs eps >= 0, k >= 0 and clip > 0 (or None), got {eps}, {k}, {clip}")
         if bn_mode not in ("eval", "train", "keep"):
             raise ValueError(f"unknown bn_mode {bn_mode!r}: use one of ('eval', 'train', 'keep')")
+        check_linf_eps(eps)
         self.eps, self.k, self.alpha = float(eps), float(k), float(eps if alpha is None else alpha)
         self.clip = None if clip is None else float(clip)
         self.bn_mode: BNMode = bn_mode

@@ -476,3 +476,13 @@ def test_the_digest_ignores_the_budget_but_not_the_epochs():
     assert cache_entry(a, "cache") != cache_entry(exp(epochs=40, time_budget_s=100.0), "cache")
     # the budget still reaches the trainer's config (only the digest ignores it)
     assert a.train.time_budget_s == 100.0 and a.model_dump()["train"]["time_budget_s"] == 100.0
+
+
+def test_a_budgets_plan_moves_a_piecewise_schedules_milestones_to_the_same_shares(tmp_path):
+    """200 epochs decayed at 100 and 150 planned as 20 decay at 10 and 15: a budget that cuts a piecewise run
+    still anneals (the milestones would otherwise lie past its end: a constant LR)."""
+    trainer = _trainer(tmp_path, 55, val=False, schedule="piecewise", milestones=[10, 15])
+    res = trainer.fit()
+    assert res.epoch == 6 and trainer.cfg.milestones == [3, 4]  # 10 * 6/20, 15 * 6/20 = 4.5 -> 4
+    lrs = dict(_lrs(tmp_path))  # planned at step 33 (epoch 5, past both new milestones): 0.01 from there on
+    assert lrs[32] == pytest.approx(LR) and lrs[33] == lrs[6 * SPE] == pytest.approx(LR * 0.01)

@@ -8,11 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from multiteach.cli import preset_config
+from multiteach.cli import one_line, preset_config
 from multiteach.config import ExperimentConfig, read_config, to_toml
+from multiteach.data import synthetic
 from multiteach.presets import PRESETS
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
@@ -52,10 +54,22 @@ def test_every_preset_writes_a_config_that_validates(tmp_path):
         (tmp_path / f"{name}.toml").write_text(to_toml(d))
         cfg = ExperimentConfig.model_validate(read_config(tmp_path / f"{name}.toml"))
         assert cfg.preset == name and cfg.train.epochs == PRESETS[name].schedule["epochs"]
+        # every official setting is the preset's own (natural's clean selection is natural's only)
+        assert cfg.train.select == PRESETS[name].schedule.get("select", "w_robust")
+        assert cfg.train.milestones == list(PRESETS[name].schedule.get("milestones", [215, 260, 285]))
     r = cli("config", "mtard", "-o", str(tmp_path / "m.toml"))
     assert r.returncode == 0
     text = (tmp_path / "m.toml").read_text()
     assert 'preset = "mtard"' in text and "rw = 0.025" in text and "[teachers.adv]" in text
+    short = preset_config("mtard", ["train.epochs=100"])  # the preset's shape at the user's epochs
+    assert (short["train"]["epochs"], short["train"]["milestones"]) == (100, [72, 87, 95])
+    with pytest.raises(ValueError, match="train.lrr: unknown setting \\(did you mean 'lr'\\?\\)"):
+        try:
+            preset_config("mtard", ["train.lrr=1"])
+        except ValueError as e:  # as the CLI prints it
+            raise ValueError(one_line(e)) from None
+    with pytest.raises(ValueError, match="options stepz: not options of preset 'mtard'"):
+        preset_config("mtard", ["options.stepz=1"])
 
 
 def test_presets_lists_each_with_its_description():
@@ -81,7 +95,7 @@ BAD = [
     ("wrong type", ["--set", "train.epochs=many"], "train.epochs: Input should be a valid integer"),
     ("missing data directory", ["--set", "data.data_dir=/no/such/dir"], "data_dir '/no/such/dir' does not exist"),
     ("CUDA on a CPU machine", ["--set", "train.device=cuda"], "no usable CUDA GPU"),
-    ("unknown key", ["--set", "train.lrr=0.1"], "train.lrr: Extra inputs are not permitted"),
+    ("unknown key", ["--set", "train.lrr=0.1"], "train.lrr: unknown setting (did you mean 'lr'?)"),
     ("unknown preset option", ["--set", "options.betta=1"], "preset 'natural': options.betta: Unexpected keyword"),
 ]
 
@@ -141,6 +155,27 @@ def test_eval_prints_the_table_and_refuses_bad_checkpoints(tmp_path, trained, ca
     assert evil.returncode == 2 and "refused (weights_only=True)" in evil.stderr
     unknown = run_inprocess(capsys, "eval", str(trained / "best.pt"), "--synthetic", "--attacks", "nope")
     assert unknown.returncode == 2 and "unknown attack 'nope': choose one of" in unknown.stderr
+    (tmp_path / "notes.pt").write_text("hello\n")  # not a torch file at all
+    text = run_inprocess(capsys, "eval", str(tmp_path / "notes.pt"), "--synthetic", "--model", "cifar_resnet8")
+    assert text.returncode == 2 and "cannot be read (KeyError" in text.stderr and "torch.save file" in text.stderr
+    pixels = run_inprocess(capsys, "eval", str(trained / "best.pt"), "--synthetic", "--eps", "8", "--n", "8")
+    assert pixels.returncode == 2 and "did you mean 8/255" in pixels.stderr
+
+    # without --dataset / --data-dir: the test split of the data the checkpoint records, if that folder is here
+    data = tmp_path / "npz"
+    data.mkdir()
+    for split, n in (("train", 32), ("test", 24)):
+        a = synthetic(n, seed=int(split == "test"))
+        np.savez(data / f"{split}.npz", x=a.x, y=a.y)
+    ckpt = torch.load(trained / "best.pt", weights_only=True)
+    ckpt["experiment"]["config"]["data"].update(dataset="npz", data_dir=str(data))
+    torch.save(ckpt, tmp_path / "moved.pt")
+    recorded = run_inprocess(capsys, "eval", str(tmp_path / "moved.pt"), "--attacks", "fgsm",
+                             "--out", str(tmp_path / "m.json"))
+    assert recorded.returncode == 0, recorded.stderr
+    meta = json.loads((tmp_path / "m.json").read_text())["meta"]
+    assert (meta["dataset"], meta["data"]) == ("npz", str(data))
+    assert json.loads((tmp_path / "m.json").read_text())["n"] == 24
 
 
 def test_plot_writes_non_empty_pngs(tmp_path, trained):

@@ -223,7 +223,7 @@ def test_best_pt_switches_between_raw_and_ema_by_w_robust(tmp_path, monkeypatch)
               (3, "raw"): (0.7, 0.1), (3, "ema"): (0.9, 0.05)}
     states, best_before = {}, {}
 
-    def fake(model, loader, steps=20, eps=8 / 255, dist=None):
+    def fake(model, loader, steps=20, eps=8 / 255, dist=None, norm="Linf"):
         tag = "ema" if model is trainer.ema.module else "raw"
         key = (trainer.epoch, tag)
         states[key] = _clone(model.state_dict())
@@ -498,3 +498,30 @@ def test_batchmean_is_num_classes_times_the_default_mean(preset):
     assert (outs[None] > 0).all()
     torch.testing.assert_close(outs["mean"], outs[None], rtol=0, atol=0)
     torch.testing.assert_close(outs["batchmean"], classes * outs[None], rtol=1e-5, atol=0)
+
+
+def test_validation_attacks_the_threat_the_recipe_trains_for(monkeypatch, tmp_path):
+    """An L2 teacher is selected on L2 robustness (PGD at its eps, step eps/4), not on L-inf 8/255; an L-inf
+    recipe keeps PGD_SAT (step 2/255); a recipe without an attack falls back to L-inf 8/255."""
+    from multiteach.engine.validator import threat_model
+
+    l2 = mt.presets.sat(tiny_net(), norm="L2", eps=0.5, alpha=0.125, steps=2)
+    assert threat_model(l2) == ("L2", 0.5)
+    assert threat_model(_mtard()) == ("Linf", pytest.approx(8 / 255))
+    assert threat_model(mt.presets.natural(tiny_net())) == ("Linf", pytest.approx(8 / 255))
+    seen = []
+    real = mt.PGD.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen.append((self.norm, self.eps, self.alpha))
+
+    monkeypatch.setattr(mt.PGD, "__init__", spy)
+    val = TensorLoader(synthetic(16, seed=1), 16)
+    trainer = mt.Trainer(l2, TensorLoader(synthetic(32, seed=0), 16), _cfg(epochs=1, eval_pgd_steps=2),
+                         val_loader=val, run_dir=tmp_path)
+    seen.clear()
+    trainer.evaluate()
+    assert seen == [("L2", 0.5, 0.125)]
+    mt_validator.clean_and_pgd(tiny_net(), val, steps=1)
+    assert seen[-1] == ("Linf", 8 / 255, 2 / 255)  # PGD_SAT's step, exactly

@@ -469,7 +469,7 @@ def test_eval_of_a_checkpoint_with_a_bad_record_names_the_field(tmp_path, capsys
 
 
 @pytest.mark.parametrize("override, field", [
-    ("eval.experiment=oops", "eval.experiment: Extra inputs are not permitted"),
+    ("eval.experiment=oops", "eval.experiment: unknown setting (the settings here: "),
     ("eval.attacks=123", "eval.attacks: Input should be a valid list"),
     ("eval.eps=nan", "eval.eps: Input should be a finite number"),
 ])

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..budget import Clock, EpochPlanner
 from ..checkpoint import CheckpointError
-from ..config import TrainConfig
+from ..config import TrainConfig, scaled_milestones
 from ..data import TensorLoader
 from ..distributed import DistContext
 from ..fast import accelerate
@@ -32,7 +32,7 @@ from ..signals import StopFlag, stop_on_signals
 from .checkpointer import Checkpointer, ConfigMismatchError
 from .optim import cycled_momentum, set_lr, student_optimizer, teacher_optimizer
 from .runlog import RunLog, epoch_line, progress_bar, status_line
-from .validator import Validator
+from .validator import Validator, threat_model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,7 +66,8 @@ class Trainer:
         sync_bn: bool = False,
         clock: Clock = time.perf_counter,
     ) -> None:
-        self.cfg = (config or TrainConfig()).model_copy()  # a budgeted run changes its epochs: not the caller's
+        self.cfg = (config or TrainConfig()).model_copy(deep=True)  # a budgeted run changes its epochs and
+        self._configured_schedule = (self.cfg.epochs, list(self.cfg.milestones))  # milestones: not the caller's
         self.recipe = recipe
         self.loader = train_loader
         self.dist = dist or DistContext()
@@ -83,7 +84,8 @@ class Trainer:
         self._prepare_recipe(sync_bn or self.cfg.sync_bn)
         self.checkpoints = Checkpointer(self.run_dir, self.is_main, self.console)
         self.log = RunLog(self.run_dir, recipe.branch_names, enabled=self.is_main, tensorboard=self.cfg.tensorboard)
-        self.validator = Validator(val_loader, self.cfg.eval_pgd_steps, self.cfg.select, self.dist)
+        self.validator = Validator(val_loader, self.cfg.eval_pgd_steps, self.cfg.select, self.dist,
+                                   threat_model(recipe))
         student_params, self.extra_params = recipe.trainable_parameters()
         self.optimizer = student_optimizer(self.cfg, student_params, self.extra_params, self.device)
         self.teacher_optimizers = [teacher_optimizer(t.optimizer, t.parameters(), self.device)
@@ -183,7 +185,7 @@ class Trainer:
                                           "run_dir")
             self.ema.module.load_state_dict(ckpt["ema"])
         if ckpt.get("planned_epochs"):  # a budgeted run goes on with its plan, with or without a budget now: its
-            self.cfg.epochs = int(ckpt["planned_epochs"])  # schedule anneals over those epochs
+            self._adopt_epochs(int(ckpt["planned_epochs"]))  # schedule anneals over those epochs
             if self.planner is not None:
                 self.planner.epochs = self.cfg.epochs
         if ckpt["loader"] is not None:
@@ -345,6 +347,14 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _adopt_epochs(self, epochs: int) -> None:
+        """Train ``epochs`` (a budget's plan): a cosine follows them, a piecewise schedule's milestones move to
+        the same shares of them (200 epochs decayed at 100, 150 planned as 20: at 10, 15)."""
+        self.cfg.epochs = epochs
+        full, milestones = self._configured_schedule
+        if self.cfg.schedule == "piecewise" and milestones:
+            self.cfg.milestones = scaled_milestones(milestones, full, epochs)
+
     def _set_epochs(self, epochs: int, why: str) -> None:
         """Adopt a budgeted epoch count; under DDP every rank takes rank 0's, so all stop together."""
         if self.dist.enabled:
@@ -352,7 +362,7 @@ class Trainer:
             epochs = int(self.dist.sum(mine).item())
         if epochs == self.cfg.epochs:
             return
-        self.cfg.epochs = epochs
+        self._adopt_epochs(epochs)
         if self.is_main:
             self.console.log(f"time budget {self.cfg.time_budget_s:.0f} s: {epochs} epochs ({why})")
 

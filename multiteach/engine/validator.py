@@ -13,13 +13,25 @@ from ..distributed import DistContext
 from ..evaluation import clean_and_pgd
 
 
+def threat_model(recipe: Any) -> tuple[str, float]:
+    """(norm, eps) of the recipe's first attack, the threat its student is trained against and validated on;
+    L-inf 8/255 for a recipe without one."""
+    for branch in getattr(recipe, "branches", []):
+        eps = getattr(branch.transform, "eps", None)
+        if isinstance(eps, (int, float)) and eps > 0:
+            return str(getattr(branch.transform, "norm", "Linf")), float(eps)
+    return "Linf", 8 / 255
+
+
 class Validator:
     """Scores models on ``loader`` (``None``: no validation) and keeps the best (``select``: w_robust,
-    robust or clean; selecting on clean accuracy runs no attack)."""
+    robust or clean; selecting on clean accuracy runs no attack). The attack is PGD-``pgd_steps`` at the
+    ``threat`` (norm, eps) the recipe trains for, step eps/4 (PGD_SAT at L-inf 8/255)."""
 
     def __init__(self, loader: Iterable[tuple[Tensor, Tensor]] | None, pgd_steps: int = 20,
-                 select: str = "w_robust", dist: DistContext | None = None) -> None:
-        self.loader, self.pgd_steps, self.select = loader, pgd_steps, select
+                 select: str = "w_robust", dist: DistContext | None = None,
+                 threat: tuple[str, float] = ("Linf", 8 / 255)) -> None:
+        self.loader, self.pgd_steps, self.select, self.threat = loader, pgd_steps, select, threat
         self.dist = dist or DistContext()
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
@@ -27,7 +39,8 @@ class Validator:
         if self.loader is None:
             return {}
         steps = 0 if self.select == "clean" else self.pgd_steps
-        m = clean_and_pgd(model, self.loader, steps=steps, dist=self.dist)
+        norm, eps = self.threat
+        m = clean_and_pgd(model, self.loader, steps=steps, eps=eps, dist=self.dist, norm=norm)
         if "robust" in m:
             m["w_robust"] = (m["clean"] + m["robust"]) / 2
         return m
@@ -50,4 +63,4 @@ class Validator:
         return best, new_best
 
 
-__all__ = ["Validator"]
+__all__ = ["Validator", "threat_model"]
