@@ -142,6 +142,13 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     unexpected = [k for k in sd if k not in own]
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
              if k in sd and sd[k].shape != v.shape]
+    heads = [k for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    if not missing and not unexpected and 0 < len(heads) <= 2 and all(
+            sd[k].shape[1:] == own[k].shape[1:] for k in heads):  # only the classifier's rows differ
+        k = heads[0]
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has {sd[k].shape[0]} classes ({k}), the data {own[k].shape[0]}: evaluate "
+            f"or distil it on data with {sd[k].shape[0]} classes (check the dataset and data folder)")
     if missing or unexpected or wrong:
         parts = []
         if missing:

@@ -126,9 +126,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".eval.json")
     if out.is_dir() or not out.parent.is_dir():  # checked before the attacks run, not after
         raise UsageError(f"--out {str(out)!r} cannot be written: give a file path in an existing folder")
-    ecfg = EvalConfig(eps=args.eps, n=args.n, batch_size=args.batch_size, attacks=args.attacks,
-                      square_queries=args.queries, tf32=args.tf32)
-    recorded = _recorded_data(args.checkpoint)  # the resolution and augmentation the model was trained with
+    given = {"eps": args.eps, "n": args.n, "batch_size": args.batch_size, "attacks": args.attacks,
+             "square_queries": args.queries, "tf32": args.tf32}
+    planned = {k: v for k, v in _recorded(args.checkpoint, "eval").items() if k in given and k != "surrogate"}
+    ecfg = EvalConfig(**{**planned, **{k: v for k, v in given.items() if v is not None}})
+    recorded = _recorded(args.checkpoint, "data")  # the data, resolution and augmentation it was trained with
     image_size = args.image_size or (recorded["image_size"] if isinstance(recorded.get("image_size"), int) else None)
     augment = recorded.get("augment") if recorded.get("augment") in ("crop_flip", "resized_crop", "none") else "auto"
     # the test split of the data it was trained on, unless told otherwise (a recorded folder only if it is here)
@@ -168,12 +170,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recorded_data(checkpoint: str) -> dict[str, Any]:
-    """The ``data`` table of the config a multiteach training checkpoint records ({} when there is none)."""
+def _recorded(checkpoint: str, table: str) -> dict[str, Any]:
+    """A table (``data``, ``eval``) of the config a multiteach training checkpoint records ({} when none)."""
     from .checkpoint import load_checkpoint
 
     node: Any = load_checkpoint(checkpoint)
-    for key in ("experiment", "config", "data"):
+    for key in ("experiment", "config", table):
         node = node.get(key) if isinstance(node, dict) else None
     return node if isinstance(node, dict) else {}
 
@@ -292,19 +294,22 @@ def parser() -> argparse.ArgumentParser:
                                                   "at, else the dataset's own; 224 for imagefolder)")
     e.add_argument("--workers", type=int, help="processes decoding image files (default: min(8, CPUs))")
     e.add_argument("--synthetic", action="store_true", help="toy images (smoke runs)")
-    e.add_argument("--n", type=int, help="first n test images (default: all)")
-    e.add_argument("--eps", type=float, default=8 / 255)
-    e.add_argument("--attacks", nargs="+", default=["fgsm", "pgd_sat", "pgd_trades", "cw_inf"])
+    # the table's settings default to the [eval] table of the run that wrote the checkpoint, else EvalConfig's
+    e.add_argument("--n", type=int, help="first n test images (default: the run's eval.n, else all)")
+    e.add_argument("--eps", type=float, help="L-inf radius (default: the run's eval.eps, else 8/255)")
+    e.add_argument("--attacks", nargs="+", help="rows by name (default: the run's eval.attacks, else fgsm pgd_sat "
+                                                "pgd_trades cw_inf)")
     e.add_argument("--autoattack", action="store_true",
                    help="standard AutoAttack (pip install 'multiteach[autoattack]')")
     e.add_argument("--black-box", action="store_true", help="Square, and transfer attacks if --surrogate is given")
     e.add_argument("--surrogate", help="checkpoint of the transfer attacks' source model")
     e.add_argument("--surrogate-model", help="its timm name (default: recorded in it)")
-    e.add_argument("--queries", type=int, default=5000, help="Square's query budget")
+    e.add_argument("--queries", type=int, help="Square's query budget (default: the run's, else 5000)")
     e.add_argument("--slow-n", type=int, help="AutoAttack and black-box rows on the first n images only")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--tf32", action="store_true", help="allow TF32 on Ampere and later GPUs (faster; the table says "
-                                                       "so); default: strict fp32")
+    e.add_argument("--batch-size", type=int, help="default: the run's eval.batch_size, else 256")
+    e.add_argument("--tf32", action="store_true", default=None,
+                   help="allow TF32 on Ampere and later GPUs (faster; the table says so); default: the run's "
+                        "eval.tf32, else strict fp32")
     e.add_argument("--device", default="auto")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="JSON report (default: CHECKPOINT.eval.json)")

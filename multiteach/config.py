@@ -202,7 +202,8 @@ class ModelConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    """The robustness evaluation; in an experiment config, training reads ``batch_size`` (validation)."""
+    """The robustness evaluation. In an experiment config: the table ``multiteach eval`` runs on the run's
+    checkpoints (its flags override each setting); training reads ``batch_size`` (validation)."""
 
     eps: float = Field(8 / 255, ge=0, allow_inf_nan=False, description="L-inf radius of the attacks")
     n: int | None = Field(None, ge=1, description="first n test images (default: all)")

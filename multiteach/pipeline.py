@@ -33,16 +33,28 @@ EXIT_STOPPED = 3
 
 
 def run_command(main: Callable[[], T], console: Console | None = None) -> T:
-    """An example's ``main`` as a command: SIGTERM (a scheduler's or ``timeout``'s) stops it as Ctrl-C does,
-    and a stop ends in one line and exit code 3, not a traceback; what finished is kept (checkpoints, cached
-    stages), so the same command goes on."""
+    """An example's ``main`` as a command, ending as the ``multiteach`` CLI does: SIGTERM (a scheduler's or
+    ``timeout``'s) stops it as Ctrl-C does, and a stop ends in one line and exit code 3 (what finished is kept:
+    checkpoints, cached stages, so the same command goes on); bad input or environment (a missing file, an
+    invalid setting) in one line and exit code 2; a bug of ours with its traceback."""
+    from rich.markup import escape
+
+    from .cli import EXIT_INTERNAL, exit_code, one_line
+
+    out = console or Console(stderr=True)
     try:
         with sigterm_interrupts():
             return main()
     except (StageStopped, KeyboardInterrupt) as e:
         why = str(e) if isinstance(e, StageStopped) else "stopped by a signal; run the same command again to resume"
-        (console or Console(stderr=True)).print(f"[bold]stopped[/]: {why}", highlight=False, soft_wrap=True)
+        out.print(f"[bold]stopped[/]: {escape(why)}", highlight=False, soft_wrap=True)
         raise SystemExit(EXIT_STOPPED) from None
+    except Exception as e:
+        code = exit_code(e)
+        if code == EXIT_INTERNAL:
+            raise
+        out.print(f"[red]error:[/] {escape(one_line(e))}", highlight=False, soft_wrap=True)
+        raise SystemExit(code) from None
 
 
 def cache_entry(cfg: ExperimentConfig, cache_dir: str | Path) -> Path:

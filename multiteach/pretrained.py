@@ -128,7 +128,8 @@ def torchvision_model(name: str, weights: str | bool | None = "DEFAULT", num_cla
     n = len(w.meta["categories"])
     if num_classes is not None and num_classes != n:
         raise ValueError(f"torchvision {name} weights {w.name} have {n} classes, not {num_classes}: use data with "
-                         f"their {n} classes, or weights=None to train a {num_classes}-class {name}")
+                         f"their {n} classes, weights=None to train a {num_classes}-class {name}, or the timm "
+                         f"source, which puts a new {num_classes}-class head on its pretrained models")
     t = w.transforms()
     if not hasattr(t, "mean") or not hasattr(t, "crop_size"):
         raise ValueError(f"torchvision {name} weights {w.name} are not for image classification")

@@ -29,7 +29,16 @@ def create_model(name: str, num_classes: int | None = 10, **kwargs: Any) -> nn.M
         )
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    return timm.create_model(name, **kwargs)
+    if not kwargs.get("pretrained"):
+        return timm.create_model(name, **kwargs)
+    try:
+        return timm.create_model(name, **kwargs)
+    except (OSError, RuntimeError) as e:  # no network, no cached file, a hub error: what to do instead
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise FileNotFoundError(
+            f"pretrained weights of {name!r} could not be read ({type(e).__name__}: {detail}): on a machine "
+            f"without internet, download them elsewhere (they land in the Hugging Face cache) and copy that cache "
+            f"here, or give the file: weights = 'path/to/model.safetensors' (or .pth)") from None
 
 
 def load_model(name: str, checkpoint: str | os.PathLike, num_classes: int = 10) -> nn.Module:

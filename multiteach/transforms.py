@@ -96,7 +96,6 @@ def _per_sample_norm(t: Tensor) -> Tensor:
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
 
 
-@ATTACKS.register("pgd")
 def check_linf_eps(eps: float) -> None:
     """An L-inf radius above 1 on [0, 1] images is almost surely a radius in pixel units (8 for 8/255)."""
     if eps > 1:
@@ -104,6 +103,7 @@ def check_linf_eps(eps: float) -> None:
                          f"{eps:g}/255 = {eps / 255:.6f}?")
 
 
+@ATTACKS.register("pgd")
 class PGD(InputTransform):
     """Projected gradient descent (Madry et al. 2018) in the L-inf or L2 ball, inside [0, 1].
 

@@ -138,7 +138,7 @@ def test_teacher_problems_are_named(tmp_path, trained, capsys):
     classes = run_inprocess(capsys, "train", str(cfg), "--synthetic", *mtard,
                             "--set", f"teachers.adv.checkpoint={ckpt}", "--set", f"teachers.nat.checkpoint={ckpt}",
                             "--set", "data.dataset=cifar100")
-    assert classes.returncode == 2 and "class count" in classes.stderr, classes.stderr
+    assert classes.returncode == 2 and "has 10 classes (fc.weight), the data 100" in classes.stderr, classes.stderr
 
 
 def test_eval_prints_the_table_and_refuses_bad_checkpoints(tmp_path, trained, capsys):
@@ -169,13 +169,16 @@ def test_eval_prints_the_table_and_refuses_bad_checkpoints(tmp_path, trained, ca
         np.savez(data / f"{split}.npz", x=a.x, y=a.y)
     ckpt = torch.load(trained / "best.pt", weights_only=True)
     ckpt["experiment"]["config"]["data"].update(dataset="npz", data_dir=str(data))
+    ckpt["experiment"]["config"]["eval"].update(attacks=["fgsm", {"name": "pgd", "steps": 2}], n=16)  # its table
     torch.save(ckpt, tmp_path / "moved.pt")
-    recorded = run_inprocess(capsys, "eval", str(tmp_path / "moved.pt"), "--attacks", "fgsm",
-                             "--out", str(tmp_path / "m.json"))
+    recorded = run_inprocess(capsys, "eval", str(tmp_path / "moved.pt"), "--out", str(tmp_path / "m.json"))
     assert recorded.returncode == 0, recorded.stderr
-    meta = json.loads((tmp_path / "m.json").read_text())["meta"]
-    assert (meta["dataset"], meta["data"]) == ("npz", str(data))
-    assert json.loads((tmp_path / "m.json").read_text())["n"] == 24
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert (report["meta"]["dataset"], report["meta"]["data"]) == ("npz", str(data))
+    assert report["n"] == 16 and [r["attack"] for r in report["rows"]] == ["fgsm", "pgd(steps=2)"]
+    flags = run_inprocess(capsys, "eval", str(tmp_path / "moved.pt"), "--n", "8", "--attacks", "fgsm",
+                          "--out", str(tmp_path / "f.json"))  # flags over the recorded table
+    assert flags.returncode == 0 and json.loads((tmp_path / "f.json").read_text())["n"] == 8
 
 
 def test_plot_writes_non_empty_pngs(tmp_path, trained):

@@ -90,3 +90,7 @@ def test_the_preset_is_built_from_a_config(registered, tmp_path):
     assert recipe.branch_names == ["adv", "nat", "ce"] and type(recipe.weighter).__name__ == "ANL"
     out = recipe(torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,)))
     assert out.losses.shape == (3,) and torch.isfinite(out.total)
+    # the two snippets together: the weighter over a branch without a teacher (the CE on labels)
+    mixed = build_recipe(cfg.model_copy(update={"options": {"steps": 1, "weighter": {"name": "confidence"}}}),
+                         10).train()
+    assert torch.isfinite(mixed(torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))).total)

@@ -571,9 +571,10 @@ def test_a_full_disk_on_any_other_write_is_exit_2_naming_the_file():
     assert cli.exit_code(OSError(errno.EIO, "I/O error")) == cli.EXIT_INTERNAL
 
 
-def test_an_example_stopped_by_a_signal_ends_in_one_line_with_exit_code_3(capsys):
+def test_an_example_ends_as_the_cli_does(capsys):
     """run_command: the examples' stops (a stage's StageStopped, Ctrl-C, a scheduler's SIGTERM anywhere) end with
-    exit code 3 and one line, not a traceback; SIGTERM's own handler is given back."""
+    exit code 3 and one line, not a traceback; SIGTERM's own handler is given back; bad input is one line
+    (exit 2) and a bug keeps its traceback."""
     from multiteach.pipeline import StageStopped, run_command
 
     before = signal.getsignal(signal.SIGTERM)
@@ -593,3 +594,12 @@ def test_an_example_stopped_by_a_signal_ends_in_one_line_with_exit_code_3(capsys
     out = capsys.readouterr().err
     assert "stopped: runs/x: interrupted (SIGTERM)" in out and "stopped by a signal" in out
     assert "Traceback" not in out and signal.getsignal(signal.SIGTERM) == before
+
+    def missing():  # bad input or environment: one line, exit 2, as the CLI
+        raise FileNotFoundError("no train.npz in 'data/': give --data-dir")
+
+    with pytest.raises(SystemExit) as stop:
+        run_command(missing)
+    assert stop.value.code == 2 and "error: no train.npz in 'data/'" in capsys.readouterr().err
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        run_command(lambda: 1 / 0)

@@ -165,6 +165,10 @@ def test_timm_pretrained_weights_from_a_local_file(tmp_path):
                    pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth")))
     # without pretrained weights a timm model takes [0, 1] inputs as they are (as the CIFAR models do)
     assert mt.Teacher("cifar_resnet8").preprocess is None
+    # weights that cannot be fetched (offline, no cache): one line naming the model and the file option
+    with pytest.raises(FileNotFoundError, match=r"pretrained weights of 'test_resnet' could not be read "
+                                                r"\(FileNotFoundError: .*weights = 'path/to/model.safetensors'"):
+        mt.Teacher("test_resnet", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "absent.pth")))
 
 
 # ------------------------------------------------------------------------------------------- torchvision
