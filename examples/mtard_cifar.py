@@ -3,7 +3,7 @@
     python examples/mtard_cifar.py --data-dir /path/with/train.npz          # numpy files (x uint8 NHWC, y)
     python examples/mtard_cifar.py --download                               # torchvision's CIFAR-10
     python examples/mtard_cifar.py --adv-teacher adv.pt --nat-teacher nat.pt --data-dir ...
-    python examples/mtard_cifar.py --tiny --data-dir ...                    # CPU smoke run, about a minute
+    python examples/mtard_cifar.py --tiny --data-dir ...                    # CPU smoke run, a minute or two
     python examples/mtard_cifar.py --plan speedrun --budget 540 --data-dir ...  # everything in 9 minutes
     python examples/mtard_cifar.py --plan paper --data-dir ...              # the paper's protocol (hours)
 
