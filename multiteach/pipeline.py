@@ -29,7 +29,6 @@ class StageStopped(RuntimeError):
 
 
 T = TypeVar("T")
-EXIT_STOPPED = 3
 
 
 def run_command(main: Callable[[], T], console: Console | None = None) -> T:
@@ -39,7 +38,7 @@ def run_command(main: Callable[[], T], console: Console | None = None) -> T:
     invalid setting) in one line and exit code 2; a bug of ours with its traceback."""
     from rich.markup import escape
 
-    from .cli import EXIT_INTERNAL, exit_code, one_line
+    from .cli import EXIT_INTERNAL, EXIT_STOPPED, exit_code, one_line
 
     out = console or Console(stderr=True)
     try:
@@ -127,5 +126,5 @@ def stage_config(preset: str, model: str | ModelConfig, data: Any, run_dir: str 
     )
 
 
-__all__ = ["EXIT_STOPPED", "StageStopped", "cache_entry", "evaluate_checkpoint", "run_command", "stage_config",
+__all__ = ["StageStopped", "cache_entry", "evaluate_checkpoint", "run_command", "stage_config",
            "train_cached", "train_stage"]
