@@ -187,8 +187,9 @@ def _read_npz(path: Path) -> Arrays:
 
 
 def _shuffled_if_sorted(a: Split) -> Split:
-    """Files grouped by class get a fixed random order (seed 0), so a first-n subset is representative."""
-    if len(a) > 1 and np.all(np.diff(a.y) >= 0):
+    """Files grouped by class (each class one block, in any order) get a fixed random order (seed 0), so a
+    first-n subset is representative."""
+    if len(a) > 1 and np.count_nonzero(np.diff(a.y)) == len(np.unique(a.y)) - 1:
         return a.take(np.random.default_rng(0).permutation(len(a)))
     return a
 
@@ -229,8 +230,26 @@ def load_cifar(dataset: str = "cifar10", data_dir: str | os.PathLike | None = No
                  for s in splits)  # type: ignore[return-value]
 
 
+def _class_quota(counts: np.ndarray, val_size: int) -> np.ndarray:
+    """Validation images per class: in proportion to the class sizes (largest remainders first, ties to the
+    lower class), every class keeping at least one training image; a balanced set gets equal shares."""
+    cap = counts - 1
+    if val_size > cap.sum():
+        raise ValueError(f"val_size {val_size} would leave a class without training images (the split has "
+                         f"{int(counts.sum())} images in {len(counts)} classes): use a smaller val_size")
+    exact = val_size * counts / counts.sum()
+    quota = np.minimum(np.floor(exact).astype(np.int64), cap)
+    order = np.argsort(-(exact - quota), kind="stable")
+    while quota.sum() < val_size:  # the remainders, then whatever a capped class could not hold
+        for c in order:
+            if quota.sum() < val_size and quota[c] < cap[c]:
+                quota[c] += 1
+    return quota
+
+
 def split_validation(train: Split, val_size: int, seed: int = 0) -> tuple[Split, Split]:
-    """Hold out ``val_size`` training images (stratified by class, seeded) for model selection."""
+    """Hold out ``val_size`` training images (stratified by class in proportion to the class sizes, seeded)
+    for model selection; every class keeps training images."""
     if val_size <= 0:
         return train, train.take(np.arange(0))
     if val_size >= len(train):
@@ -238,8 +257,7 @@ def split_validation(train: Split, val_size: int, seed: int = 0) -> tuple[Split,
     rng = np.random.default_rng(seed)
     classes = np.unique(train.y)
     per_class = [rng.permutation(np.flatnonzero(train.y == c)) for c in classes]
-    quota = np.full(len(classes), val_size // len(classes))
-    quota[: val_size - quota.sum()] += 1
+    quota = _class_quota(np.array([len(i) for i in per_class]), val_size)
     val_idx = np.concatenate([idx[:q] for idx, q in zip(per_class, quota)])
     mask = np.ones(len(train), dtype=bool)
     mask[val_idx] = False
@@ -332,9 +350,19 @@ def augment_seed(seed: int) -> int:
     return seed + 2**32
 
 
-def check_resume_state(state: dict, n_images: int, n_batches: int) -> None:
+def check_resume_state(state: dict, n_images: int, n_batches: int, global_batch: int | None = None) -> None:
     """Refuse a mid-epoch loader state that this split cannot continue (either loader's ``load_state_dict``)."""
     perm, pos = state["perm"], int(state["pos"])
+    written = state.get("global_batch")  # absent in states written before it was recorded
+    if perm is not None and written is not None and global_batch is not None and int(written) != global_batch:
+        from .checkpoint import CheckpointError
+
+        raise CheckpointError(
+            f"the checkpoint (last.pt) was written in the middle of an epoch with global batches of {int(written)} "
+            f"images (batch size x processes); this run's are {global_batch}: the rest of that epoch would skip or "
+            "repeat images. Resume with the original batch size and number of processes (it may change at an "
+            "epoch's end), or start afresh with --restart or another run_dir"
+        )
     if perm is not None and len(perm) != n_images:
         from .checkpoint import CheckpointError
 
@@ -436,7 +464,8 @@ class TensorLoader(EpochCursor):
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "perm": None if self._perm is None else self._perm.cpu(), "pos": self._pos,
-                "epoch": self._epoch, "order": self.order.get_state(), "generator": self.generator.get_state()}
+                "epoch": self._epoch, "order": self.order.get_state(), "generator": self.generator.get_state(),
+                "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume where ``state`` was taken (by this loader or a :class:`~multiteach.loaders.StreamingLoader`:
@@ -445,7 +474,7 @@ class TensorLoader(EpochCursor):
         written with: a split of another size (``data.train_size`` changed under ``--force``) cannot continue
         it and is refused with :class:`~multiteach.checkpoint.CheckpointError`. Between epochs only the
         generators are kept, and the next epoch draws its order over the split as it is now."""
-        check_resume_state(state, len(self.y), len(self))
+        check_resume_state(state, len(self.y), len(self), self.global_batch)
         perm = state["perm"]
         self._perm = None if perm is None else perm.to(self.device)
         self._pos = int(state["pos"])

@@ -301,12 +301,13 @@ class StreamingLoader(EpochCursor):
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "perm": None if self._perm is None else torch.from_numpy(self._perm.copy()),
-                "pos": self._pos, "epoch": self._epoch, "order": self.order.get_state(), "augment_seed": self.seed}
+                "pos": self._pos, "epoch": self._epoch, "order": self.order.get_state(), "augment_seed": self.seed,
+                "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume where ``state`` (this loader's or a :class:`TensorLoader`'s) was taken; refused, as
         :meth:`TensorLoader.load_state_dict`, when the split or the batch count changed mid-epoch."""
-        check_resume_state(state, len(self.split), len(self))
+        check_resume_state(state, len(self.split), len(self), self.global_batch)
         perm = state["perm"]
         self._perm = None if perm is None else np.asarray(perm.cpu() if isinstance(perm, Tensor) else perm,
                                                           dtype=np.int64)

@@ -57,10 +57,32 @@ def test_loader_resumes_mid_epoch_with_the_same_batches():
 def test_validation_split_is_stratified_and_disjoint():
     train = synthetic(1000, seed=0)
     rest, val = split_validation(train, 100, seed=0)
-    assert len(rest) + len(val) == 1000
-    assert np.bincount(val.y, minlength=10).tolist() == [10] * 10
+    assert len(rest) + len(val) == 1000 and not set(map(bytes, val.x)) - set(map(bytes, train.x))
+    counts = np.bincount(train.y, minlength=10)
+    assert np.all(np.abs(np.bincount(val.y, minlength=10) - 100 * counts / 1000) < 1)  # in proportion
     with pytest.raises(ValueError, match="leaves no training images"):
         split_validation(train, 1000)
+
+
+def _labelled(counts):
+    y = np.repeat(np.arange(len(counts)), counts)
+    return Arrays(np.zeros((len(y), 2, 2, 3), np.uint8), y)
+
+
+def test_validation_shares_follow_the_class_sizes_and_no_class_leaves_training():
+    """SVHN's unequal classes: validation in their proportions (not 100 each); a tiny class keeps a training
+    image, its share going to the others; a balanced set splits equally, the extra images to the first classes."""
+    svhn = [4948, 13861, 10585, 8497, 7458, 6882, 5727, 5595, 5045, 4659]
+    _, val = split_validation(_labelled(svhn), 1000)
+    assert np.bincount(val.y).tolist() == [68, 189, 144, 116, 102, 94, 78, 76, 69, 64]
+    rest, val = split_validation(_labelled([500, 3]), 100)
+    assert np.bincount(rest.y).tolist() == [401, 2] and len(val) == 100
+    rest, val = split_validation(_labelled([50, 50, 1]), 6)
+    assert np.bincount(rest.y, minlength=3).tolist() == [47, 47, 1] and len(val) == 6
+    _, val = split_validation(_labelled([20] * 10), 13)
+    assert np.bincount(val.y).tolist() == [2, 2, 2, 1, 1, 1, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="would leave a class without training images"):
+        split_validation(_labelled([50, 1]), 50)
 
 
 def test_numpy_files_and_missing_directory(tmp_path):
@@ -70,6 +92,10 @@ def test_numpy_files_and_missing_directory(tmp_path):
         np.savez(tmp_path / f"{split}.npz", x=sorted_by_class.x, y=sorted_by_class.y)
     train, _ = load_cifar(data_dir=tmp_path)
     assert not np.all(np.diff(train.y) >= 0)  # class-sorted files get a fixed shuffle
+    blocks = np.concatenate([np.full(20, c) for c in (3, 1, 2, 0, 9, 8, 7, 6, 5, 4)])  # grouped, not ascending
+    np.savez(tmp_path / "test.npz", x=sorted_by_class.x, y=blocks)
+    _, test = load_cifar(data_dir=tmp_path)
+    assert len(set(test.y[:20].tolist())) > 3  # a first-n subset is not one class
     assert np.all(train.x[:, 0, 0, 0] == train.y)  # images stay with their labels
     with pytest.raises(FileNotFoundError, match="x uint8 N,32,32,3.*--download"):
         load_cifar(data_dir=tmp_path / "nowhere")

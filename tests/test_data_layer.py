@@ -253,10 +253,18 @@ def test_both_loaders_refuse_a_state_they_cannot_continue():
                    StreamingLoader(synthetic(48, size=8), 8, shuffle=True, drop_last=True, workers=0)):
         with pytest.raises(CheckpointError, match="middle of an epoch over 64 training images; this run has 48"):
             loader.load_state_dict(state)
+    older = {k: v for k, v in state.items() if k != "global_batch"}  # a state written before it was recorded
     for loader in (TensorLoader(data, 32, shuffle=True, drop_last=True),
                    StreamingLoader(data, 32, shuffle=True, drop_last=True, workers=0)):
         with pytest.raises(CheckpointError, match="after batch 3 of an epoch that now has 2 batches"):
-            loader.load_state_dict({**state, "pos": 3})
+            loader.load_state_dict({**older, "pos": 3})
+    # another number of processes (or batch size) mid-epoch would skip or repeat images: refused
+    for loader in (TensorLoader(data, 8, shuffle=True, drop_last=True, rank=0, world=2),
+                   StreamingLoader(data, 4, shuffle=True, drop_last=True, workers=0)):
+        with pytest.raises(CheckpointError, match=f"global batches of 8 images .*this run's are {loader.global_batch}"):
+            loader.load_state_dict(state)
+    same = TensorLoader(data, 4, shuffle=True, drop_last=True, rank=1, world=2)  # 2 x 4 = 8: the same batches
+    same.load_state_dict(state)
 
 
 def test_the_loader_is_chosen_by_size_and_free_memory(monkeypatch):
