@@ -216,10 +216,10 @@ class Pipeline:
                     apply_override(given, pair)
                 except ValueError:
                     raise SystemExit(f"--adv-option {pair!r}: write KEY=VALUE, e.g. label_smoothing=0.1") from None
-            unknown = sorted(set(given) - set(accepted))
-            if unknown:
-                raise SystemExit(f"--adv-option {', '.join(unknown)}: not an option of preset {preset!r} (its "
-                                 f"options: {', '.join(sorted(accepted))})")
+            try:
+                get_preset(preset).check_options(given)
+            except ValueError as e:
+                raise SystemExit(f"--adv-option {e}") from None
             options.update(given)
         # the teachers' usual weight decay where the preset registers none (nfgsm's own 5e-4 stands)
         wd = {} if "weight_decay" in get_preset(preset).schedule else \

@@ -128,7 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {str(out)!r} cannot be written: give a file path in an existing folder")
     given = {"eps": args.eps, "n": args.n, "batch_size": args.batch_size, "attacks": args.attacks,
              "square_queries": args.queries, "tf32": args.tf32}
-    planned = {k: v for k, v in _recorded(args.checkpoint, "eval").items() if k in given and k != "surrogate"}
+    planned = {k: v for k, v in _recorded(args.checkpoint, "eval").items() if k in given}
     ecfg = EvalConfig(**{**planned, **{k: v for k, v in given.items() if v is not None}})
     recorded = _recorded(args.checkpoint, "data")  # the data, resolution and augmentation it was trained with
     image_size = args.image_size or (recorded["image_size"] if isinstance(recorded.get("image_size"), int) else None)
@@ -227,10 +227,7 @@ def preset_config(preset: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     base = ExperimentConfig.model_validate(checkable).model_dump(mode="json")
     for role, t in base["teachers"].items():
         t["checkpoint"] = given["teachers"][role].get("checkpoint")
-    unknown = sorted(set(base["options"]) - set(info.options()))
-    if unknown:
-        raise UsageError(f"options {', '.join(unknown)}: not options of preset {preset!r} (its options: "
-                         f"{', '.join(sorted(info.options()))})")
+    info.check_options(base["options"])
     base["options"] = {**{k: list(v) if isinstance(v, tuple) else v for k, v in info.options().items()
                           if v is not None}, **base["options"]}
     return base

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -48,6 +48,15 @@ class Entry:
         keyword_only = [p for p in params if p.kind is p.KEYWORD_ONLY]
         chosen = keyword_only or [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
         return {p.name: (None if p.default is inspect.Parameter.empty else p.default) for p in chosen}
+
+    def check_options(self, names: Iterable[str], kind: str = "preset") -> None:
+        """Refuse option names the builder does not take, without building it (one line naming them and the
+        builder's options)."""
+        allowed = self.options()
+        unknown = sorted(set(names) - set(allowed))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not an option of {kind} {self.name!r} (its options: "
+                             f"{', '.join(sorted(allowed)) or 'none'})")
 
 
 class Registry(Mapping[str, Entry], Generic[T]):

@@ -10,7 +10,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .signals import StopFlag, sigterm_interrupts, stop_on_signals  # re-exported: their historical home
+from .signals import StopFlag, stop_on_signals  # re-exported: their historical home
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -95,4 +95,4 @@ def set_rng_state(state: dict) -> None:
 
 
 __all__ = ["Precision", "StopFlag", "autocast", "resolve_device", "resolve_precision", "rng_state",
-           "seed_everything", "set_rng_state", "sigterm_interrupts", "stop_on_signals", "tf32"]
+           "seed_everything", "set_rng_state", "stop_on_signals", "tf32"]
