@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if not (args.tiny or args.data_dir or args.download):
-        raise SystemExit("give --data-dir (train.npz/test.npz), --download (torchvision) or --tiny (synthetic)")
+        raise ValueError("give --data-dir (train.npz/test.npz), --download (torchvision) or --tiny (synthetic)")
     plan = TINY if args.tiny else FULL
     data = DataConfig(dataset="cifar10" if args.tiny else args.dataset, data_dir=None if args.tiny else args.data_dir,
                       download=args.download and not args.tiny, root=args.root, val_size=plan["val_size"],

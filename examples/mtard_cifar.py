@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 
 from multiteach.budget import TimeBudget
-from multiteach.build import eval_tensors, load_splits
+from multiteach.build import build_recipe, eval_tensors, load_splits
 from multiteach.config import DataConfig, ExperimentConfig, apply_override
 from multiteach.distributed import DistContext
 from multiteach.evaluation import (
@@ -134,6 +134,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", choices=sorted(PLANS), help="full (default: ResNet-18 teachers, 20/30/40 epochs), "
                    "paper (the paper's protocol: hours), speedrun (for --budget) or tiny")
     p.add_argument("--budget", type=float, help="wall-clock seconds for the whole run, table included")
+    p.add_argument("--share", action="append", default=[], metavar="ROLE=WEIGHT",
+                   help="a stage's weight in the budget's split, over the plan's (roles nat, adv, student; "
+                        "speedrun: 0.10, 0.36, 0.54), e.g. adv=0.45; repeatable")
     p.add_argument("--started-at", type=float,
                    help="Unix time the budget counts from (default: now; benchmarks/reference.sh passes its start)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
@@ -151,19 +154,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def given_options(flag: str, pairs: list[str], preset: str) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs of a command-line flag as options of ``preset`` (values read as TOML, as
+    ``multiteach --set``), each checked to be one of its options."""
+    given: dict[str, Any] = {}
+    for pair in pairs:
+        try:
+            apply_override(given, pair)
+        except ValueError:
+            raise ValueError(f"{flag} {pair!r}: write KEY=VALUE, e.g. steps=7") from None
+    try:
+        get_preset(preset).check_options(given)
+    except ValueError as e:
+        raise ValueError(f"{flag} {e}") from None
+    return given
+
+
+def budget_shares(plan_shares: dict[str, float], pairs: list[str]) -> dict[str, float]:
+    """The plan's stage weights with ``--share ROLE=WEIGHT`` pairs over them (weights are relative)."""
+    shares = dict(plan_shares)
+    for pair in pairs:
+        role, _, value = pair.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if role not in shares or not weight > 0:
+            raise ValueError(f"--share {pair!r}: write ROLE=WEIGHT with ROLE one of {', '.join(shares)} and a "
+                             "positive weight (relative to the others), e.g. adv=0.4")
+        shares[role] = weight
+    return shares
+
+
 class Pipeline:
     """Teachers (cached), one student, its table: what the examples and benchmarks/table2.py share."""
 
     def __init__(self, args: argparse.Namespace, dist: DistContext | None = None) -> None:
         if not args.data_dir and not args.download:
-            raise SystemExit("give --data-dir (train.npz/test.npz) or --download (torchvision)")
+            raise ValueError("give --data-dir (train.npz/test.npz) or --download (torchvision)")
         self.args, self.dist = args, dist or DistContext.from_env()
         self.plan = PLANS[args.plan or ("tiny" if args.tiny else "full")]
         self.budget: TimeBudget | None = None
+        if getattr(args, "share", []) and not args.budget:
+            raise ValueError("--share splits a time budget: give --budget SECONDS too")
         if args.budget:
             b = self.plan.get("budget", DEFAULT_BUDGET)
             # wall-clock (time.time) so that the setup before this process, and the imports, count too
-            self.budget = TimeBudget(max(args.budget - b["exit_margin_s"], 1.0), b["shares"], b["eval_reserve_s"],
+            shares = budget_shares(b["shares"], getattr(args, "share", []))
+            self.budget = TimeBudget(max(args.budget - b["exit_margin_s"], 1.0), shares, b["eval_reserve_s"],
                                      clock=time.time, start=args.started_at)
         self.data = DataConfig(data_dir=args.data_dir, download=args.download, root=args.root,
                                val_size=self.plan["val_size"], train_size=self.plan["train_size"], seed=args.seed)
@@ -204,27 +242,33 @@ class Pipeline:
         given = getattr(self.args, "adv_preset", None) if role == "adv" else None
         return given or self.plan[role]["preset"]
 
+    def options(self, role: str, preset: str, given: dict | None = None) -> dict[str, Any]:
+        """The options of the ``role`` stage's preset: the plan's that it takes, then ``given`` (and, for the
+        adversarial teacher, --adv-option's) over them."""
+        accepted = get_preset(preset).options()
+        options = {k: v for k, v in self.plan[role]["options"].items() if k in accepted}
+        if role == "adv":
+            options.update(given_options("--adv-option", getattr(self.args, "adv_option", []), preset))
+        return {**options, **(given or {})}
+
+    def check_build(self, flag: str, preset: str, model: str, options: dict[str, Any],
+                    teachers: dict[str, str] | None = None) -> None:
+        """Build the stage's recipe on fresh weights now, so that a bad option value (``reduction=maen``) ends
+        the command in one line before any stage trains, not minutes later when that stage starts."""
+        cfg = stage_config(preset, model, self.data, "unused", options=options,
+                           teachers={role: (arch, None) for role, arch in (teachers or {}).items()})
+        try:
+            build_recipe(cfg, self.splits.num_classes, self.splits.image_size)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
+
     def teacher_config(self, role: str, model: str | None = None, epochs: int | None = None) -> ExperimentConfig:
         """The config that trains the plan's ``role`` teacher (the plan's options its preset takes)."""
         spec, preset = self.plan[role], self.teacher_preset(role)
-        accepted = get_preset(preset).options()
-        options = {k: v for k, v in spec["options"].items() if k in accepted}
-        if role == "adv":
-            given: dict[str, Any] = {}
-            for pair in getattr(self.args, "adv_option", []):  # values read as TOML, as `multiteach --set`
-                try:
-                    apply_override(given, pair)
-                except ValueError:
-                    raise SystemExit(f"--adv-option {pair!r}: write KEY=VALUE, e.g. label_smoothing=0.1") from None
-            try:
-                get_preset(preset).check_options(given)
-            except ValueError as e:
-                raise SystemExit(f"--adv-option {e}") from None
-            options.update(given)
         # the teachers' usual weight decay where the preset registers none (nfgsm's own 5e-4 stands)
         wd = {} if "weight_decay" in get_preset(preset).schedule else \
             {"weight_decay": 5e-4 if preset == "natural" else 2e-4}
-        return stage_config(preset, model or spec["model"], self.data, "unused", options=options,
+        return stage_config(preset, model or spec["model"], self.data, "unused", options=self.options(role, preset),
                             **self._train(role, wd, epochs=epochs or spec["epochs"]))
 
     def teacher(self, role: str, checkpoint: str | None = None, model: str | None = None,
@@ -247,10 +291,8 @@ class Pipeline:
                        options: dict | None = None) -> ExperimentConfig:
         """The config that trains the student of ``preset`` from ``teachers``."""
         spec, a = self.plan["student"], self.args
-        accepted = get_preset(preset).options()  # the plan's attack steps, where the preset takes them
-        plan_options = {k: v for k, v in spec["options"].items() if k in accepted}
         return stage_config(preset, a.student or spec["model"], self.data, Path(a.run_dir) / preset,
-                            options={**plan_options, **(options or {})}, teachers=teachers,
+                            options=self.options("student", preset, options), teachers=teachers,
                             **self._train("student", epochs=a.epochs or spec["epochs"], compile=a.compile))
 
     def student(self, preset: str, teachers: dict[str, tuple[str, str]], options: dict | None = None) -> Path:
@@ -410,6 +452,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nat-teacher", help="natural teacher checkpoint (skips its training)")
     p.add_argument("--nat-arch", help="its timm name (default: the plan's)")
     p.add_argument("--preset", default="mtard", help="student recipe: mtard, bmtard, rslad, ard, baseline_mt, ...")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the student's preset, over the plan's (e.g. reduction=mean, the official "
+                        "KL scale; beta=2; steps=10); repeatable")
     return p
 
 
@@ -417,9 +462,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     run = Pipeline(args)
     need = get_preset(args.preset).teachers
+    options = given_options("--option", args.option, args.preset)
+    archs = {"nat": args.nat_arch or run.plan["nat"]["model"], "adv": args.adv_arch or run.plan["adv"]["model"]}
+    if args.option:  # option values checked before any training
+        run.check_build("--option", args.preset, args.student or run.plan["student"]["model"],
+                        run.options("student", args.preset, options), {k: v for k, v in archs.items() if k in need})
+    if args.adv_option and not args.adv_teacher:
+        preset = run.teacher_preset("adv")
+        run.check_build("--adv-option", preset, archs["adv"], run.options("adv", preset))
     teachers = {"nat": run.teacher("nat", args.nat_teacher, args.nat_arch, args.nat_epochs),
                 "adv": run.teacher("adv", args.adv_teacher, args.adv_arch, args.adv_epochs)}
-    best = run.student(args.preset, {k: v for k, v in teachers.items() if k in need})
+    best = run.student(args.preset, {k: v for k, v in teachers.items() if k in need}, options)
     if not run.dist.is_main:
         return {}
     plot(best.parent)

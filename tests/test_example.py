@@ -165,5 +165,35 @@ def test_the_adversarial_teacher_can_come_from_another_preset(cifar_slice, tmp_p
     smooth = example.Pipeline(example.parser().parse_args(
         [*args, "--adv-option", "label_smoothing=0.1", "--adv-option", "steps=7"])).teacher_config("adv")
     assert smooth.preset == "sat" and smooth.options == {"steps": 7, "bn_mode": "eval", "label_smoothing": 0.1}
-    with pytest.raises(SystemExit, match="not an option of preset 'sat'"):
+    with pytest.raises(ValueError, match="not an option of preset 'sat'"):
         example.Pipeline(example.parser().parse_args([*args, "--adv-option", "k=3"])).teacher_config("adv")
+
+
+def test_every_lever_is_a_command_line_option_and_bad_values_end_before_any_training(cifar_slice, tmp_path, capsys):
+    """--option (the student's preset: the KL reduction, ANL's beta, ...) and --share (the budget's split) reach
+    the stage they set, over the plan's; a bad name or value ends the command in one line with exit code 2
+    before any stage trains (not when the student's stage starts, minutes into a run)."""
+    example = load("mtard_cifar")
+    args = ["--plan", "speedrun", "--data-dir", str(cifar_slice), "--run-dir", str(tmp_path / "runs")]
+    run = example.Pipeline(example.parser().parse_args(
+        [*args, "--budget", "540", "--share", "adv=0.45", "--share", "student=0.45"]))
+    assert run.budget.shares == {"nat": 0.10, "adv": 0.45, "student": 0.45}
+    for name in ("a.pt", "n.pt"):
+        (tmp_path / name).write_bytes(b"")
+    given = example.given_options("--option", ["reduction=mean", "beta=2"], "mtard")
+    student = run.student_config("mtard", {"adv": ("cifar_resnet18", str(tmp_path / "a.pt")),
+                                           "nat": ("cifar_resnet18", str(tmp_path / "n.pt"))}, given)
+    assert student.options == {"steps": 5, "start": "uniform", "reduction": "mean", "beta": 2}
+    recipe = example.get_preset("mtard").fn("cifar_resnet8", "cifar_resnet8", "cifar_resnet8", **student.options)
+    assert recipe.branches[0].loss.reduction == "mean" and recipe.weighter.beta == 2
+
+    bad = {"--option reduction=maen": "reduction", "--option bogus=1": "not an option of preset 'mtard'",
+           "--adv-option steps=0": "steps must be >= 1", "--share adv=1": "give --budget",
+           "--budget 60 --share adv=0": "positive weight", "--budget 60 --share teacher=1": "one of nat, adv, student",
+           "--preset rslad --option beta=1": "not an option of preset 'rslad'"}
+    for flags, why in bad.items():
+        with pytest.raises(SystemExit) as stop:
+            run_command(lambda f=flags: example.main([*args, "--quiet", *f.split()]))
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and why in err and "Traceback" not in err, (flags, err)
+    assert not (tmp_path / "teachers").exists() and not (tmp_path / "runs").exists()  # nothing trained
