@@ -52,7 +52,8 @@ console = Console(stderr=True)
 # FULL: the H100 plan (see benchmarks/RESULTS.md for what it reached); TINY: a CPU smoke run.
 FULL = {
     "nat": dict(model="cifar_resnet18", preset="natural", epochs=20, options={}),
-    "adv": dict(model="cifar_resnet18", preset="sat", epochs=30, options={"steps": 5, "bn_mode": "eval"}),
+    "adv": dict(model="cifar_resnet18", preset="sat", epochs=30,
+                options={"steps": 5, "alpha": 4 / 255, "bn_mode": "eval"}),
     "l2": dict(model="cifar_resnet18", preset="sat", epochs=20,
                options={"steps": 5, "norm": "L2", "eps": 0.5, "alpha": 0.125, "bn_mode": "eval"}),
     "student": dict(model="cifar_resnet18", epochs=40, options={}),
@@ -71,14 +72,16 @@ TINY = {
                "exit_margin_s": 2},
 }
 # The SAT teachers attack the eval-mode student (bn_mode "eval"), as every recorded run did; the preset's default
-# is Madry's train mode.
+# is Madry's train mode. A 5-step attack takes Madry's step rule, 2.5 eps / 5 = 4/255, from a uniform start (the
+# plain PGD-AT script of RECIPES.md): with 2/255 steps a uniform start leaves pixels short of the boundary, a
+# weaker attack than the official PGD-10's (benchmarks/attack_strength.py, RESULTS.md); 4/255 matches it.
 # SPEEDRUN: the one-command reference on one H100 (`--budget 540`); epochs come from the budget (at most these).
 # Batch 256 / lr 0.2 for the attack stages (run B in benchmarks/RESULTS.md: more steps beat the ~10% more img/s
 # of batch 512); batch 512 / lr 0.4 for the natural teacher, whose step is launch-bound (2x img/s at 512).
-# PGD-5 (step 2/255) for teacher and student; KL averaged per sample (batchmean), so a short run is not trained
-# at a tenth of the step the official 1/C scale gives; EMA of the weights, selected against the raw ones.
-# Run 1 (RESULTS.md) left the student 4.7 PGD points under its teacher: its attack now starts uniformly in the
-# ball, as the teacher's SAT attack does. The evaluation reserve holds both models' rows (~41 s on an H200) and
+# PGD-5 (step 4/255, uniform start) for teacher and student; KL averaged per sample (batchmean), so a short run
+# is not trained at a tenth of the step the official 1/C scale gives; EMA of the weights, selected against the raw
+# ones. Run 1 (RESULTS.md: PGD-5 of 2/255, the student's from x + 0.001 N, the teacher's uniform) left the student
+# 4.7 PGD points under its teacher. The evaluation reserve holds both models' rows (~41 s on an H200) and
 # AutoAttack on 1,000 images in one call: 54 s for 250 there, mostly latency (~41 s whatever the size, ~13 s of
 # arithmetic), so ~90 s predicted for 1,000 (chunks of 1,000, 500 or 250, whichever the prediction fits).
 # The table runs with TF32 allowed (cuDNN's default, as run 1 did without saying so): in strict fp32 the
@@ -87,11 +90,12 @@ TINY = {
 SPEEDRUN = {
     "nat": dict(model="cifar_resnet18", preset="natural", epochs=60, options={},
                 train=dict(batch_size=512, lr=0.4)),
-    "adv": dict(model="cifar_resnet18", preset="sat", epochs=80, options={"steps": 5, "bn_mode": "eval"}),
+    "adv": dict(model="cifar_resnet18", preset="sat", epochs=80,
+                options={"steps": 5, "alpha": 4 / 255, "bn_mode": "eval"}),
     "l2": dict(model="cifar_resnet18", preset="sat", epochs=80,
                options={"steps": 5, "norm": "L2", "eps": 0.5, "alpha": 0.125, "bn_mode": "eval"}),
     "student": dict(model="cifar_resnet18", epochs=120,
-                    options={"steps": 5, "reduction": "batchmean", "start": "uniform"}),
+                    options={"steps": 5, "alpha": 4 / 255, "reduction": "batchmean", "start": "uniform"}),
     "train": dict(batch_size=256, lr=0.2, warmup_epochs=1.0, schedule="cosine", milestones=[], weight_decay=5e-4,
                   ema_decay=0.999, eval_every=4, eval_pgd_steps=10, checkpoint_every=5),
     "val_size": 1000, "train_size": None, "eval_n": None,
@@ -243,10 +247,13 @@ class Pipeline:
         return given or self.plan[role]["preset"]
 
     def options(self, role: str, preset: str, given: dict | None = None) -> dict[str, Any]:
-        """The options of the ``role`` stage's preset: the plan's that it takes, then ``given`` (and, for the
-        adversarial teacher, --adv-option's) over them."""
+        """The options of the ``role`` stage's preset: the plan's that it takes (its PGD step size only where the
+        preset takes PGD steps: N-FGSM's ``alpha`` is another thing), then ``given`` (and, for the adversarial
+        teacher, --adv-option's) over them."""
         accepted = get_preset(preset).options()
         options = {k: v for k, v in self.plan[role]["options"].items() if k in accepted}
+        if "steps" not in accepted:
+            options.pop("alpha", None)
         if role == "adv":
             options.update(given_options("--adv-option", getattr(self.args, "adv_option", []), preset))
         return {**options, **(given or {})}

@@ -154,7 +154,8 @@ def test_the_paper_plan_trains_every_stage_with_its_official_settings(cifar_slic
 
 
 def test_the_adversarial_teacher_can_come_from_another_preset(cifar_slice, tmp_path):
-    """--adv-preset nfgsm: the plan's teacher options go where that preset takes them (no PGD steps for N-FGSM)."""
+    """--adv-preset nfgsm: the plan's teacher options go where that preset takes them (no PGD steps for N-FGSM,
+    nor their step size: N-FGSM's ``alpha`` is its one step, eps by default)."""
     example = load("mtard_cifar")
     run = example.Pipeline(example.parser().parse_args(
         ["--plan", "speedrun", "--adv-preset", "nfgsm", "--data-dir", str(cifar_slice), "--run-dir", str(tmp_path)]))
@@ -164,7 +165,10 @@ def test_the_adversarial_teacher_can_come_from_another_preset(cifar_slice, tmp_p
     args = ["--plan", "speedrun", "--data-dir", str(cifar_slice), "--run-dir", str(tmp_path)]
     smooth = example.Pipeline(example.parser().parse_args(
         [*args, "--adv-option", "label_smoothing=0.1", "--adv-option", "steps=7"])).teacher_config("adv")
-    assert smooth.preset == "sat" and smooth.options == {"steps": 7, "bn_mode": "eval", "label_smoothing": 0.1}
+    assert smooth.preset == "sat" and smooth.options == {"steps": 7, "alpha": 4 / 255, "bn_mode": "eval",
+                                                         "label_smoothing": 0.1}
+    trades = example.Pipeline(example.parser().parse_args([*args, "--adv-preset", "trades"])).teacher_config("adv")
+    assert trades.options == {"steps": 5, "alpha": 4 / 255}  # the plan's PGD-5 where the preset runs a PGD
     with pytest.raises(ValueError, match="not an option of preset 'sat'"):
         example.Pipeline(example.parser().parse_args([*args, "--adv-option", "k=3"])).teacher_config("adv")
 
@@ -183,7 +187,7 @@ def test_every_lever_is_a_command_line_option_and_bad_values_end_before_any_trai
     given = example.given_options("--option", ["reduction=mean", "beta=2"], "mtard")
     student = run.student_config("mtard", {"adv": ("cifar_resnet18", str(tmp_path / "a.pt")),
                                            "nat": ("cifar_resnet18", str(tmp_path / "n.pt"))}, given)
-    assert student.options == {"steps": 5, "start": "uniform", "reduction": "mean", "beta": 2}
+    assert student.options == {"steps": 5, "alpha": 4 / 255, "start": "uniform", "reduction": "mean", "beta": 2}
     recipe = example.get_preset("mtard").fn("cifar_resnet8", "cifar_resnet8", "cifar_resnet8", **student.options)
     assert recipe.branches[0].loss.reduction == "mean" and recipe.weighter.beta == 2
 
@@ -197,3 +201,19 @@ def test_every_lever_is_a_command_line_option_and_bad_values_end_before_any_trai
         err = capsys.readouterr().err
         assert stop.value.code == 2 and why in err and "Traceback" not in err, (flags, err)
     assert not (tmp_path / "teachers").exists() and not (tmp_path / "runs").exists()  # nothing trained
+
+
+def test_attack_strength_benchmark_measures_each_training_attack(cifar_slice):
+    """benchmarks/attack_strength.py end to end on a slice: a row per attack; 2/255 steps from a uniform start
+    leave pixels short of the boundary that 4/255 steps reach (what made the speedrun take Madry's step)."""
+    spec = importlib.util.spec_from_file_location(
+        "attack_strength", Path(__file__).parents[1] / "benchmarks" / "attack_strength.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(["--data-dir", str(cifar_slice), "--train-n", "256", "--epochs", "1", "--test-n", "64",
+                          "--seeds", "1", "--device", "cpu"])
+    assert list(results) == list(bench.ATTACKS)
+    assert all(0 <= r["robust"] <= 1 and 0 <= r["at_boundary"] <= 1 for r in results.values())
+    short, madry = (results[k]["at_boundary"] for k in ("PGD-5, 2/255, uniform start",
+                                                        "PGD-5, 4/255, uniform start (2.5 eps / 5)"))
+    assert madry - short > 0.2  # measured: 0.53 vs 0.85 here, 0.56 vs 0.89 on a trained ResNet-8
