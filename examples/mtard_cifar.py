@@ -391,13 +391,14 @@ class Pipeline:
             ev.skipped.append("the rest (stopped by a signal)")
             ev.reports.setdefault(student, Report(n=0))
         self.timings[f"{preset}_eval_s"] = time.perf_counter() - t0
-        result = {**ev.reports[student].to_dict(),
+        gap = w_robust_gap(ev.reports[student], ev.reports[rest[0]]) if rest and rest[0] in ev.reports else {}
+        result = {**ev.reports[student].to_dict(), "w_robust_gap": gap,
                   "models": {k: r.to_dict() for k, r in ev.reports.items()}, "stopped": self.stopped,
                   "nat_teacher_clean": nat_clean, "skipped": ev.skipped, "timings": self.timings, "tf32": ev.tf32,
                   "budget": self.budget.summary() if self.budget is not None else None,
                   "data": a.data_dir or "torchvision", "preset": preset, "environment": self.environment}
         (best.parent / "eval.json").write_text(json.dumps(result, indent=2))
-        self.result_table = reference_rich_table(ev.reports, self.timings, ev.skipped, ev.tf32)
+        self.result_table = reference_rich_table(ev.reports, self.timings, ev.skipped, ev.tf32, gap)
         return result
 
 
@@ -414,13 +415,25 @@ def _chunks(n: int) -> tuple[int, ...]:
     return tuple(sorted({max(n, 1), max(n // 2, 1), max(n // 4, 1)}, reverse=True))
 
 
-def reference_rich_table(reports: dict, timings: dict[str, float], skipped: list[str], tf32: bool = False) -> Any:
-    """One table: every model's rows (clean, robust, W-Robust on the same images), stage times below."""
+def w_robust_gap(student: Report, teacher: Report) -> dict[str, float]:
+    """W-Robust of the student minus its adversarial teacher's, in points, per attack both ran on the same images
+    (the MTARD vs SAT comparison, read off the table)."""
+    theirs = {(r.attack, r.n): r.w_robust for r in teacher.rows}
+    return {r.attack: round(100 * (r.w_robust - theirs[(r.attack, r.n)]), 2) for r in student.rows
+            if (r.attack, r.n) in theirs}
+
+
+def reference_rich_table(reports: dict, timings: dict[str, float], skipped: list[str], tf32: bool = False,
+                         gap: dict[str, float] | None = None) -> Any:
+    """One table: every model's rows (clean, robust, W-Robust on the same images); below it the student's
+    W-Robust against its adversarial teacher's and the stage times."""
     from rich.table import Table
 
     n = max((r.n for r in reports.values()), default=0)
+    versus = ", ".join(f"{k} {v:+.2f}" for k, v in (gap or {}).items())
     t = Table(title=f"Test set, n = {n} ({precision_label(tf32)}, eval mode, L-inf eps 8/255)",
-              caption="stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+              caption=(f"W-Robust, student - adversarial teacher (points): {versus}\n" if versus else "")
+              + "stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
               + (f"; skipped for time: {', '.join(skipped)}" if skipped else ""))
     for col in ("model", "attack", "n", "clean %", "robust %", "W-Robust %", "s"):
         t.add_column(col, justify="left" if col in ("model", "attack") else "right")

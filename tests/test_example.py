@@ -58,6 +58,12 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
         assert 0 <= r["robust"] <= r["clean"] <= 1  # on the same images, an attack never helps
     teacher = next(v for k, v in result["models"].items() if k.startswith("adv teacher"))
     assert {r["attack"] for r in teacher["rows"]} >= {"pgd_sat", "fgsm", "pgd_trades", "cw_inf"}
+    theirs = {r["attack"]: r for r in teacher["rows"]}  # the MTARD vs SAT comparison, on the same images
+    assert set(result["w_robust_gap"]) == {"fgsm", "pgd_sat", "pgd_trades", "cw_inf", "autoattack"}
+    for attack, gap in result["w_robust_gap"].items():
+        mine, other = rows[attack], theirs[attack]
+        assert gap == pytest.approx(50 * (mine["clean"] + mine["robust"] - other["clean"] - other["robust"]), abs=0.01)
+    assert "W-Robust, student - adversarial teacher (points): fgsm" in proc.stdout
     assert 0 < result["nat_teacher_clean"] <= 1
     assert set(result["budget"]["stages"]) == {"nat", "adv", "student"}
     if SHARED.is_dir():  # better than chance on the real slice (the natural teacher: the 2-epoch MTARD student
