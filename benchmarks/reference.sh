@@ -8,12 +8,13 @@
 # into $DATA_DIR (default /tmp/cifar10) unless train.npz is there, runs examples/mtard_cifar.py --plan speedrun
 # with the budget counted from this script's start, and writes at most 8 files into OUT_DIR: eval.json,
 # reference.log, the student's metrics.jsonl and its figures (losses.png, weights.png, accuracy.png), and the
-# teachers' metrics.
+# metrics of the teachers it trained (cached ones are reused, not copied).
 # Setup time counts against the budget. Environment: BUDGET, DATA_DIR, PLAN (speedrun), RUN_DIR.
 set -euo pipefail
 OUT=${1:?usage: bash benchmarks/reference.sh OUT_DIR [extra arguments for examples/mtard_cifar.py]}
 shift
 start=$(date +%s.%N)
+stamp=$(mktemp)  # files newer than this were written by this command
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -48,14 +49,17 @@ timeout --signal=TERM "$(python3 -c "print(int(float('$left')) + 60)")" \
   | tee "$OUT/reference.log"
 rc=${PIPESTATUS[0]}
 set -e
-student=$(ls -d "$RUN_DIR"/run/*/ 2>/dev/null | head -n 1)
+# this command's student: the run folder it wrote into (others there are earlier commands' students)
+written() { find "$1" -mindepth 2 -maxdepth 2 -type f -newer "$stamp" -printf '%h\n' 2>/dev/null | sort -u || true; }
+student=$(written "$RUN_DIR/run" | head -n 1)
 if [ -n "$student" ]; then
   for f in eval.json metrics.jsonl losses.png weights.png accuracy.png; do
     [ -f "$student/$f" ] && cp "$student/$f" "$OUT/$f"
   done
 fi
-for entry in "$RUN_DIR"/teachers/*/; do
+for entry in $(written "$RUN_DIR/teachers"); do  # the teachers this command trained (cached ones were not)
   [ -f "$entry/metrics.jsonl" ] && cp "$entry/metrics.jsonl" "$OUT/teacher_$(basename "$entry" | cut -d- -f1).jsonl"
 done
 echo "reference run: exit $rc, $(python3 -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.0f}')" "$start") s in all"
+rm -f "$stamp"
 exit "$rc"

@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ablations", action="store_true", help="add the Fig. 2 ablations (baseline, baseline_mt)")
     p.set_defaults(run_dir="runs/table2")
     args = p.parse_args(argv)
-    if args.budget:
-        p.error("--budget plans one student (examples/mtard_cifar.py, benchmarks/reference.sh): train each defense "
-                "for set epochs here")
+    if args.budget or args.share:
+        p.error("--budget and --share plan one student (examples/mtard_cifar.py, benchmarks/reference.sh): train "
+                "each defense for set epochs here")
     run = Pipeline(args)
     presets = args.presets + (ABLATIONS if args.ablations else [])
     needed = {r for preset in presets for r in get_preset(preset).teachers} | {"adv"}  # adv: the surrogate

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -174,6 +176,12 @@ def given_options(flag: str, pairs: list[str], preset: str) -> dict[str, Any]:
     return given
 
 
+def student_folder(preset: str, pairs: list[str]) -> str:
+    """The run folder of a student given ``--option`` pairs: ``mtard``, or ``mtard-reduction=mean-beta=2``, so a
+    student with other options trains in its own folder instead of meeting another's finished run."""
+    return "-".join([preset, *(re.sub(r"[^\w=.+-]", "_", pair) for pair in pairs)])
+
+
 def budget_shares(plan_shares: dict[str, float], pairs: list[str]) -> dict[str, float]:
     """The plan's stage weights with ``--share ROLE=WEIGHT`` pairs over them (weights are relative)."""
     shares = dict(plan_shares)
@@ -183,7 +191,7 @@ def budget_shares(plan_shares: dict[str, float], pairs: list[str]) -> dict[str, 
             weight = float(value)
         except ValueError:
             weight = float("nan")
-        if role not in shares or not weight > 0:
+        if role not in shares or not (math.isfinite(weight) and weight > 0):
             raise ValueError(f"--share {pair!r}: write ROLE=WEIGHT with ROLE one of {', '.join(shares)} and a "
                              "positive weight (relative to the others), e.g. adv=0.4")
         shares[role] = weight
@@ -247,16 +255,17 @@ class Pipeline:
         return given or self.plan[role]["preset"]
 
     def options(self, role: str, preset: str, given: dict | None = None) -> dict[str, Any]:
-        """The options of the ``role`` stage's preset: the plan's that it takes (its PGD step size only where the
-        preset takes PGD steps: N-FGSM's ``alpha`` is another thing), then ``given`` (and, for the adversarial
-        teacher, --adv-option's) over them."""
+        """The options of the ``role`` stage's preset: the plan's that it takes, then ``given`` (and, for the
+        adversarial teacher, --adv-option's) over them. The plan's PGD step size goes with its steps: not to a
+        preset that takes no PGD steps (N-FGSM's ``alpha`` is its one step), nor where other steps are given
+        without a step size (``steps=10`` alone is the preset's own PGD-10)."""
         accepted = get_preset(preset).options()
         options = {k: v for k, v in self.plan[role]["options"].items() if k in accepted}
-        if "steps" not in accepted:
+        given = {**(given_options("--adv-option", getattr(self.args, "adv_option", []), preset) if role == "adv"
+                    else {}), **(given or {})}
+        if "steps" not in accepted or ("steps" in given and "alpha" not in given):
             options.pop("alpha", None)
-        if role == "adv":
-            options.update(given_options("--adv-option", getattr(self.args, "adv_option", []), preset))
-        return {**options, **(given or {})}
+        return {**options, **given}
 
     def check_build(self, flag: str, preset: str, model: str, options: dict[str, Any],
                     teachers: dict[str, str] | None = None) -> None:
@@ -295,16 +304,18 @@ class Pipeline:
         return model, checkpoint
 
     def student_config(self, preset: str, teachers: dict[str, tuple[str, str]],
-                       options: dict | None = None) -> ExperimentConfig:
-        """The config that trains the student of ``preset`` from ``teachers``."""
+                       options: dict | None = None, name: str | None = None) -> ExperimentConfig:
+        """The config that trains the student of ``preset`` from ``teachers``, in the run folder ``name``
+        (default: the preset's name) under --run-dir."""
         spec, a = self.plan["student"], self.args
-        return stage_config(preset, a.student or spec["model"], self.data, Path(a.run_dir) / preset,
+        return stage_config(preset, a.student or spec["model"], self.data, Path(a.run_dir) / (name or preset),
                             options=self.options("student", preset, options), teachers=teachers,
                             **self._train("student", epochs=a.epochs or spec["epochs"], compile=a.compile))
 
-    def student(self, preset: str, teachers: dict[str, tuple[str, str]], options: dict | None = None) -> Path:
+    def student(self, preset: str, teachers: dict[str, tuple[str, str]], options: dict | None = None,
+                name: str | None = None) -> Path:
         t0 = time.perf_counter()
-        cfg = self.student_config(preset, teachers, options)
+        cfg = self.student_config(preset, teachers, options, name)
         best = train_stage(cfg, self.splits, console=console, dist=self.dist)
         self._finish("student", f"{preset}_s", t0)
         return best
@@ -474,7 +485,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="mtard", help="student recipe: mtard, bmtard, rslad, ard, baseline_mt, ...")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the student's preset, over the plan's (e.g. reduction=mean, the official "
-                        "KL scale; beta=2; steps=10); repeatable")
+                        "KL scale; beta=2; steps=10, with the preset's own step unless alpha is given); the student "
+                        "trains in its own folder, named by them; repeatable")
     return p
 
 
@@ -492,7 +504,8 @@ def main(argv: list[str] | None = None) -> dict:
         run.check_build("--adv-option", preset, archs["adv"], run.options("adv", preset))
     teachers = {"nat": run.teacher("nat", args.nat_teacher, args.nat_arch, args.nat_epochs),
                 "adv": run.teacher("adv", args.adv_teacher, args.adv_arch, args.adv_epochs)}
-    best = run.student(args.preset, {k: v for k, v in teachers.items() if k in need}, options)
+    best = run.student(args.preset, {k: v for k, v in teachers.items() if k in need}, options,
+                       student_folder(args.preset, args.option))
     if not run.dist.is_main:
         return {}
     plot(best.parent)

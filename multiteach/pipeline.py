@@ -18,6 +18,7 @@ from rich.console import Console
 from .build import Splits, build_trainer, eval_tensors
 from .config import ExperimentConfig, ModelConfig
 from .distributed import DistContext
+from .engine.checkpointer import ConfigMismatchError, config_diff
 from .evaluation import Report, evaluate
 from .signals import sigterm_interrupts
 
@@ -67,21 +68,41 @@ def train_stage(cfg: ExperimentConfig, splits: Splits | None = None, *, console:
     run_dir = Path(cfg.run_dir)
     done = run_dir / DONE
     if done.is_file():
+        finished = json.loads(done.read_text())
+        if finished.get("digest", cfg.digest()) != cfg.digest():  # files written before digests: not checked
+            raise ConfigMismatchError(f"{run_dir} holds a finished run of another configuration ("
+                                      f"{_differences(run_dir / 'best.pt', cfg)}): use another run directory, "
+                                      "or remove that one to train this configuration")
         if console is not None:
-            console.log(f"{run_dir}: finished earlier ({json.loads(done.read_text()).get('best')}), skipped")
+            console.log(f"{run_dir}: finished earlier ({finished.get('best')}), skipped")
         return run_dir / "best.pt"
     t0 = time.perf_counter()
     result = build_trainer(cfg, console=console, splits=splits, dist=dist).fit(resume=True)
     if result.status != "finished":
         raise StageStopped(f"{run_dir}: {result.status}; run the same command again to resume")
     if dist is None or dist.is_main:
-        done.write_text(json.dumps({"best": result.best, "epochs": result.epoch,
+        done.write_text(json.dumps({"best": result.best, "epochs": result.epoch, "digest": cfg.digest(),
                                     "seconds_this_call": time.perf_counter() - t0}, indent=2))
     if console is not None:
         best = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.best.items()}
         console.log(f"[bold]{run_dir}[/]: {result.epoch} epochs, best on validation {best} "
                     f"({time.perf_counter() - t0:.0f} s this call)")
     return run_dir / "best.pt"
+
+
+def _differences(best: Path, cfg: ExperimentConfig) -> str:
+    """The first settings in which the finished run's recorded config differs from ``cfg``."""
+    from .checkpoint import load_checkpoint
+
+    try:
+        old = load_checkpoint(best, map_location="cpu").get("experiment", {}).get("config", {})
+    except Exception:  # a damaged or missing best.pt: the digests alone differ
+        return "different digest"
+    shown = [d for d in config_diff(old, cfg.model_dump(mode="json")) if not d.startswith(_NOT_DIGESTED)]
+    return "; ".join(shown[:4]) or "different digest"
+
+
+_NOT_DIGESTED = ("run_dir:", "eval.", "train.progress:", "train.time_budget_s:", "data.workers:")
 
 
 def train_cached(cfg: ExperimentConfig, cache_dir: str | Path, splits: Splits | None = None, **kwargs: Any) -> Path:

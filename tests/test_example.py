@@ -171,8 +171,8 @@ def test_the_adversarial_teacher_can_come_from_another_preset(cifar_slice, tmp_p
     args = ["--plan", "speedrun", "--data-dir", str(cifar_slice), "--run-dir", str(tmp_path)]
     smooth = example.Pipeline(example.parser().parse_args(
         [*args, "--adv-option", "label_smoothing=0.1", "--adv-option", "steps=7"])).teacher_config("adv")
-    assert smooth.preset == "sat" and smooth.options == {"steps": 7, "alpha": 4 / 255, "bn_mode": "eval",
-                                                         "label_smoothing": 0.1}
+    # steps given without a step size: the preset's own (PGD-7 of 2/255), not the plan's 4/255 for five steps
+    assert smooth.preset == "sat" and smooth.options == {"steps": 7, "bn_mode": "eval", "label_smoothing": 0.1}
     trades = example.Pipeline(example.parser().parse_args([*args, "--adv-preset", "trades"])).teacher_config("adv")
     assert trades.options == {"steps": 5, "alpha": 4 / 255}  # the plan's PGD-5 where the preset runs a PGD
     with pytest.raises(ValueError, match="not an option of preset 'sat'"):
@@ -194,12 +194,19 @@ def test_every_lever_is_a_command_line_option_and_bad_values_end_before_any_trai
     student = run.student_config("mtard", {"adv": ("cifar_resnet18", str(tmp_path / "a.pt")),
                                            "nat": ("cifar_resnet18", str(tmp_path / "n.pt"))}, given)
     assert student.options == {"steps": 5, "alpha": 4 / 255, "start": "uniform", "reduction": "mean", "beta": 2}
+    assert student.run_dir == str(tmp_path / "runs" / "mtard")
+    assert run.options("student", "mtard", {"steps": 10}) == {"steps": 10, "reduction": "batchmean", "start": "uniform"}
+    assert run.options("student", "mtard", {"steps": 10, "alpha": 0.01}) == {
+        "steps": 10, "alpha": 0.01, "reduction": "batchmean", "start": "uniform"}
+    assert example.student_folder("mtard", ["reduction=mean", "weighter={name='dwa'}"]) == \
+        "mtard-reduction=mean-weighter=_name=_dwa__"  # a student with other options: its own folder
     recipe = example.get_preset("mtard").fn("cifar_resnet8", "cifar_resnet8", "cifar_resnet8", **student.options)
     assert recipe.branches[0].loss.reduction == "mean" and recipe.weighter.beta == 2
 
     bad = {"--option reduction=maen": "reduction", "--option bogus=1": "not an option of preset 'mtard'",
            "--adv-option steps=0": "steps must be >= 1", "--share adv=1": "give --budget",
            "--budget 60 --share adv=0": "positive weight", "--budget 60 --share teacher=1": "one of nat, adv, student",
+           "--budget 60 --share adv=inf": "positive weight",
            "--preset rslad --option beta=1": "not an option of preset 'rslad'"}
     for flags, why in bad.items():
         with pytest.raises(SystemExit) as stop:
@@ -219,7 +226,20 @@ def test_attack_strength_benchmark_measures_each_training_attack(cifar_slice):
     results = bench.main(["--data-dir", str(cifar_slice), "--train-n", "256", "--epochs", "1", "--test-n", "64",
                           "--seeds", "1", "--device", "cpu"])
     assert list(results) == list(bench.ATTACKS)
-    assert all(0 <= r["robust"] <= 1 and 0 <= r["at_boundary"] <= 1 for r in results.values())
-    short, madry = (results[k]["at_boundary"] for k in ("PGD-5, 2/255, uniform start",
+    assert all(0 <= r["robust"] <= 1 and 0 <= r["at_eps"] <= 1 for r in results.values())
+    short, madry = (results[k]["at_eps"] for k in ("PGD-5, 2/255, uniform start",
                                                         "PGD-5, 4/255, uniform start (2.5 eps / 5)"))
     assert madry - short > 0.2  # measured: 0.53 vs 0.85 here, 0.56 vs 0.89 on a trained ResNet-8
+
+
+def test_the_student_teacher_gap_pairs_rows_run_on_the_same_images():
+    """w_robust_gap: student minus teacher W-Robust in points, only for attacks both ran on the same images (a
+    teacher's AutoAttack cut to fewer images for time is not compared with the student's)."""
+    from multiteach.evaluation import Report, Row
+
+    example = load("mtard_cifar")
+    student = Report(n=100, rows=[Row("pgd_sat", "", 0.86, 0.42, 0.64, 1.0, 100),
+                                  Row("autoattack", "", 0.86, 0.36, 0.61, 1.0, 100)])
+    teacher = Report(n=100, rows=[Row("pgd_sat", "", 0.80, 0.45, 0.625, 1.0, 100),
+                                  Row("autoattack", "", 0.82, 0.40, 0.61, 1.0, 50)])
+    assert example.w_robust_gap(student, teacher) == {"pgd_sat": 1.5}

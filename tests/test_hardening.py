@@ -13,9 +13,12 @@ import pytest
 import torch
 
 import multiteach as mt
+from multiteach import build, config
 from multiteach.checkpoint import CheckpointError, load_weights
 from multiteach.cli import one_line
 from multiteach.data import TensorLoader, synthetic
+from multiteach.engine.checkpointer import ConfigMismatchError
+from multiteach.pipeline import stage_config, train_stage
 from multiteach.rundir import LOCK, RunDirBusyError, RunLock
 from tests.conftest import tiny_net
 
@@ -603,3 +606,22 @@ def test_an_example_ends_as_the_cli_does(capsys):
     assert stop.value.code == 2 and "error: no train.npz in 'data/'" in capsys.readouterr().err
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
         run_command(lambda: 1 / 0)
+
+
+def test_a_finished_stage_of_another_config_is_refused_not_reused(tmp_path):
+    """A run folder holding a finished run is skipped only for the same configuration: one trained with other
+    options (another KL reduction, another teacher) is refused in one line naming the difference, instead of
+    its results being passed off as this configuration's."""
+    data = config.DataConfig(val_size=32, train_size=96)
+    splits = build.load_splits(data, synthetic_data=True)
+    train = dict(epochs=1, batch_size=32, lr=0.05, milestones=[], progress=False, eval_every=1, eval_pgd_steps=1,
+                 device="cpu")
+    cfg = stage_config("sat", "cifar_resnet8", data, tmp_path / "run", options={"steps": 1}, **train)
+    best = train_stage(cfg, splits)
+    stamp = best.stat().st_mtime_ns
+    assert json.loads((tmp_path / "run" / "done.json").read_text())["digest"] == cfg.digest()
+    assert train_stage(cfg.model_copy(update={"run_dir": str(tmp_path / "run")}), splits) == best  # skipped
+    assert best.stat().st_mtime_ns == stamp
+    other = stage_config("sat", "cifar_resnet8", data, tmp_path / "run", options={"steps": 2}, **train)
+    with pytest.raises(ConfigMismatchError, match=r"another configuration \(options.steps: 1 -> 2\)"):
+        train_stage(other, splits)
