@@ -294,25 +294,33 @@ class ExperimentConfig(_Strict):
 
     def digest(self) -> str:
         """Hash of everything that shapes the trajectory (not where it is logged or shown)."""
-        d = self.model_dump(mode="json")
-        d.pop("run_dir")
-        d["train"].pop("progress")
-        d["train"].pop("time_budget_s")  # a budgeted run's cache entry is reused under another budget
-        if d["train"]["optimizer"] == "sgd" and not d["train"]["optimizer_options"]:  # digests of runs written
-            del d["train"]["optimizer"], d["train"]["optimizer_options"]  # before these fields existed still match
-        d["data"].pop("workers", None)  # how fast data is decoded, not what it is
-        newer = {"train": (("hold_fraction", 0.0), ("cycle_momentum", None)),
-                 "data": (("image_size", None), ("augment", "auto"), ("loader", "auto"))}
-        for table, fields in newer.items():
-            for key, default in fields:
-                if d[table].get(key) == default:  # at their defaults, newer fields leave older digests as they were
-                    d[table].pop(key, None)
-        for model in [d["student"], *d["teachers"].values()]:
-            for key, default in (("source", "timm"), ("pretrained", False), ("weights", None), ("resize", False)):
-                if model.get(key) == default:
-                    model.pop(key, None)
-        d.pop("eval")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(digested(self.model_dump(mode="json")), sort_keys=True).encode()
+                              ).hexdigest()[:16]
+
+
+def digested(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a config (as dumped, or as a checkpoint records it) that :meth:`ExperimentConfig.digest`
+    hashes: what shapes the trajectory, not where it is logged or shown."""
+    d = json.loads(json.dumps(config))  # a deep copy
+    d.pop("run_dir", None)
+    d.pop("eval", None)
+    train, data = d.setdefault("train", {}), d.setdefault("data", {})
+    train.pop("progress", None)
+    train.pop("time_budget_s", None)  # a budgeted run's cache entry is reused under another budget
+    if train.get("optimizer") == "sgd" and not train.get("optimizer_options"):  # digests of runs written
+        train.pop("optimizer"), train.pop("optimizer_options", None)  # before these fields existed still match
+    data.pop("workers", None)  # how fast data is decoded, not what it is
+    newer = {"train": (("hold_fraction", 0.0), ("cycle_momentum", None)),
+             "data": (("image_size", None), ("augment", "auto"), ("loader", "auto"))}
+    for table, fields in newer.items():
+        for key, default in fields:
+            if d[table].get(key) == default:  # at their defaults, newer fields leave older digests as they were
+                d[table].pop(key, None)
+    for model in [d.get("student", {}), *d.get("teachers", {}).values()]:
+        for key, default in (("source", "timm"), ("pretrained", False), ("weights", None), ("resize", False)):
+            if model.get(key) == default:
+                model.pop(key, None)
+    return d
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -444,5 +452,5 @@ def _table_model(info: Any) -> tuple[type[BaseModel] | None, bool]:
     return None, False
 
 
-__all__ = ["DataConfig", "EvalConfig", "ExperimentConfig", "ModelConfig", "TrainConfig", "apply_override",
+__all__ = ["DataConfig", "EvalConfig", "ExperimentConfig", "ModelConfig", "TrainConfig", "apply_override", "digested",
            "read_config", "to_toml"]

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from rich.console import Console
 
 from .build import Splits, build_trainer, eval_tensors
-from .config import ExperimentConfig, ModelConfig
+from .config import ExperimentConfig, ModelConfig, digested
 from .distributed import DistContext
 from .engine.checkpointer import ConfigMismatchError, config_diff
 from .evaluation import Report, evaluate
@@ -98,11 +98,7 @@ def _differences(best: Path, cfg: ExperimentConfig) -> str:
         old = load_checkpoint(best, map_location="cpu").get("experiment", {}).get("config", {})
     except Exception:  # a damaged or missing best.pt: the digests alone differ
         return "different digest"
-    shown = [d for d in config_diff(old, cfg.model_dump(mode="json")) if not d.startswith(_NOT_DIGESTED)]
-    return "; ".join(shown[:4]) or "different digest"
-
-
-_NOT_DIGESTED = ("run_dir:", "eval.", "train.progress:", "train.time_budget_s:", "data.workers:")
+    return "; ".join(config_diff(digested(old), digested(cfg.model_dump(mode="json")))[:4]) or "different digest"
 
 
 def train_cached(cfg: ExperimentConfig, cache_dir: str | Path, splits: Splits | None = None, **kwargs: Any) -> Path:
