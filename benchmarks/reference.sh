@@ -2,13 +2,16 @@
 # The reference run in one command, within a wall-clock budget (default 540 s), on an offline GPU machine:
 #
 #   bash benchmarks/reference.sh OUT_DIR                       # teachers, MTARD student, the test-set table
-#   BUDGET=300 bash benchmarks/reference.sh OUT_DIR --preset baseline_mt   # extra args go to the example
+#   bash benchmarks/reference.sh OUT2 --preset baseline_mt --epochs N   # extra args go to the example: here an
+#                    # ablation student of the MTARD student's N epochs, from the teachers the first command cached
 #
 # It installs the carried wheels if pydantic is missing (.gpu/wheels, see ../shared/GPU.md), decodes CIFAR-10
 # into $DATA_DIR (default /tmp/cifar10) unless train.npz is there, runs examples/mtard_cifar.py --plan speedrun
 # with the budget counted from this script's start, and writes at most 8 files into OUT_DIR: eval.json,
 # reference.log, the student's metrics.jsonl and its figures (losses.png, weights.png, accuracy.png), and the
-# metrics of the teachers it trained (cached ones are reused, not copied).
+# metrics of the teachers it trained (cached ones are reused, not copied). Teachers are cached in RUN_DIR/teachers
+# by recipe, seed and budget share; the student trains in a folder of RUN_DIR/run named by this command's plan,
+# budget and arguments, so the same command resumes it and another (a lever, another budget) gets its own.
 # Setup time counts against the budget. Environment: BUDGET, DATA_DIR, PLAN (speedrun), RUN_DIR.
 set -euo pipefail
 OUT=${1:?usage: bash benchmarks/reference.sh OUT_DIR [extra arguments for examples/mtard_cifar.py]}
@@ -36,6 +39,7 @@ if [ ! -f "$DATA_DIR/train.npz" ]; then
   python3 "$prepare" "$DATA_DIR" >/dev/null
 fi
 RUN_DIR=${RUN_DIR:-/tmp/multiteach_reference}
+runs="$RUN_DIR/run/$(printf '%s\n' "${PLAN:-speedrun}" "${BUDGET:-540}" "$@" | sha1sum | cut -c1-10)"
 left=$(python3 -c "import sys, time; print(f'{float(sys.argv[1]) - (time.time() - float(sys.argv[2])):.1f}')" \
        "${BUDGET:-540}" "$start")
 echo "reference run: ${left} s of ${BUDGET:-540} s left after setup"
@@ -45,13 +49,13 @@ set +e
 timeout --signal=TERM "$(python3 -c "print(int(float('$left')) + 60)")" \
   python3 examples/mtard_cifar.py --plan "${PLAN:-speedrun}" --budget "${BUDGET:-540}" --started-at "$start" \
     --data-dir "$DATA_DIR" \
-    --run-dir "$RUN_DIR/run" --teacher-cache "$RUN_DIR/teachers" --autoattack --quiet "$@" 2>&1 \
+    --run-dir "$runs" --teacher-cache "$RUN_DIR/teachers" --autoattack --quiet "$@" 2>&1 \
   | tee "$OUT/reference.log"
 rc=${PIPESTATUS[0]}
 set -e
-# this command's student: the run folder it wrote into (others there are earlier commands' students)
+# this command's student: the run folder it wrote into
 written() { find "$1" -mindepth 2 -maxdepth 2 -type f -newer "$stamp" -printf '%h\n' 2>/dev/null | sort -u || true; }
-student=$(written "$RUN_DIR/run" | head -n 1)
+student=$(written "$runs" | head -n 1)
 if [ -n "$student" ]; then
   for f in eval.json metrics.jsonl losses.png weights.png accuracy.png; do
     [ -f "$student/$f" ] && cp "$student/$f" "$OUT/$f"

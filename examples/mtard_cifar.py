@@ -8,10 +8,10 @@
     python examples/mtard_cifar.py --plan paper --data-dir ...              # the paper's protocol (hours)
 
 Stages: natural teacher -> adversarial teacher -> student (MTARD by default, --preset picks another) ->
-evaluation table and plots. Teachers are trained once into a cache keyed by recipe and seed (--teacher-cache)
-and reused by any later run; every stage resumes if interrupted and is skipped once finished, so the
-pipeline can run as several shorter commands. Every model is selected on a held-out validation split,
-never on the test set.
+evaluation table and plots. Teachers are trained once into a cache keyed by recipe and seed (--teacher-cache;
+and budget share, under --budget) and reused by any later run; every stage resumes if interrupted and is
+skipped once finished, so the pipeline can run as several shorter commands. Every model is selected on a
+held-out validation split, never on the test set.
 
 ``--budget SECONDS`` makes the whole run end, table printed, within that wall time: each stage gets its share
 of the time still left (a stage that ran long shortens the next), picks its epochs from the throughput of its
@@ -45,7 +45,16 @@ from multiteach.evaluation import (
     slow_subsets,
     standard_attacks,
 )
-from multiteach.pipeline import StageStopped, evaluate_checkpoint, run_command, stage_config, train_cached, train_stage
+from multiteach.pipeline import (
+    StageStopped,
+    cache_entry,
+    check_run_dir,
+    evaluate_checkpoint,
+    run_command,
+    stage_config,
+    train_cached,
+    train_stage,
+)
 from multiteach.presets import get_preset
 from multiteach.teachers import load_model
 
@@ -231,15 +240,18 @@ class Pipeline:
         """Whether the tables allow TF32 (--eval-tf32, else the plan's choice; labelled in every table)."""
         return self.plan.get("eval_tf32", False) if self.args.eval_tf32 is None else self.args.eval_tf32
 
-    def _train(self, role: str, defaults: dict | None = None, **overrides) -> dict:
-        """The stage's TrainConfig fields: defaults < the plan's < the role's < overrides (+ its time budget);
+    def _train(self, role: str, defaults: dict | None = None, allot: bool = True, **overrides) -> dict:
+        """The stage's TrainConfig fields: defaults < the plan's < the role's < overrides (+ its time budget:
+        ``allot`` starts the stage's clock, else only its nominal share, for a config checked before it trains);
         epochs left None take the preset's official schedule."""
         a = self.args
         train = {**(defaults or {}), **self.plan["train"], **self.plan[role].get("train", {}), **overrides}
         if train.get("epochs") is None:
             train.pop("epochs", None)
         if self.budget is not None and role in self.budget.shares:
-            train["time_budget_s"] = self.budget.allot(role)
+            train["stage_budget_s"] = round(self.budget.nominal(role), 1)
+            if allot:
+                train["time_budget_s"] = self.budget.allot(role)
         return dict(train, precision=a.precision, device=a.device, seed=a.seed, progress=not a.quiet)
 
     def _finish(self, role: str, key: str, t0: float) -> None:
@@ -278,14 +290,33 @@ class Pipeline:
         except ValueError as e:
             raise ValueError(f"{flag}: {e}") from None
 
-    def teacher_config(self, role: str, model: str | None = None, epochs: int | None = None) -> ExperimentConfig:
+    def teacher_config(self, role: str, model: str | None = None, epochs: int | None = None,
+                       allot: bool = True) -> ExperimentConfig:
         """The config that trains the plan's ``role`` teacher (the plan's options its preset takes)."""
         spec, preset = self.plan[role], self.teacher_preset(role)
         # the teachers' usual weight decay where the preset registers none (nfgsm's own 5e-4 stands)
         wd = {} if "weight_decay" in get_preset(preset).schedule else \
             {"weight_decay": 5e-4 if preset == "natural" else 2e-4}
         return stage_config(preset, model or spec["model"], self.data, "unused", options=self.options(role, preset),
-                            **self._train(role, wd, epochs=epochs or spec["epochs"]))
+                            **self._train(role, wd, allot, epochs=epochs or spec["epochs"]))
+
+    def planned_teacher(self, role: str, checkpoint: str | None = None, model: str | None = None,
+                        epochs: int | None = None) -> tuple[str, str]:
+        """(timm name, checkpoint) that :meth:`teacher` will give, without training: the given file, or the
+        best.pt of the teacher's cache entry."""
+        model = model or self.plan[role]["model"]
+        if checkpoint is None:
+            checkpoint = str(cache_entry(self.teacher_config(role, model, epochs, allot=False), self.cache) / "best.pt")
+        return model, checkpoint
+
+    def planned_student(self, preset: str, teachers: dict[str, tuple[str, str]], options: dict | None = None,
+                        name: str | None = None) -> ExperimentConfig:
+        """The config :meth:`student` will train, before its teachers are (their checkpoints set where they will
+        be, unchecked): to refuse a student folder holding a run of another configuration (another budget, other
+        teachers) before any stage trains, not once the teachers are trained."""
+        cfg = self.student_config(preset, {r: (m, None) for r, (m, _) in teachers.items()}, options, name, allot=False)
+        return cfg.model_copy(update={"teachers": {r: t.model_copy(update={"checkpoint": teachers[r][1]})
+                                                   for r, t in cfg.teachers.items()}})
 
     def teacher(self, role: str, checkpoint: str | None = None, model: str | None = None,
                 epochs: int | None = None) -> tuple[str, str]:
@@ -304,13 +335,14 @@ class Pipeline:
         return model, checkpoint
 
     def student_config(self, preset: str, teachers: dict[str, tuple[str, str]],
-                       options: dict | None = None, name: str | None = None) -> ExperimentConfig:
+                       options: dict | None = None, name: str | None = None, allot: bool = True) -> ExperimentConfig:
         """The config that trains the student of ``preset`` from ``teachers``, in the run folder ``name``
         (default: the preset's name) under --run-dir."""
         spec, a = self.plan["student"], self.args
         return stage_config(preset, a.student or spec["model"], self.data, Path(a.run_dir) / (name or preset),
                             options=self.options("student", preset, options), teachers=teachers,
-                            **self._train("student", epochs=a.epochs or spec["epochs"], compile=a.compile))
+                            **self._train("student", allot=allot, epochs=a.epochs or spec["epochs"],
+                                          compile=a.compile))
 
     def student(self, preset: str, teachers: dict[str, tuple[str, str]], options: dict | None = None,
                 name: str | None = None) -> Path:
@@ -502,10 +534,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.adv_option and not args.adv_teacher:
         preset = run.teacher_preset("adv")
         run.check_build("--adv-option", preset, archs["adv"], run.options("adv", preset))
-    teachers = {"nat": run.teacher("nat", args.nat_teacher, args.nat_arch, args.nat_epochs),
-                "adv": run.teacher("adv", args.adv_teacher, args.adv_arch, args.adv_epochs)}
-    best = run.student(args.preset, {k: v for k, v in teachers.items() if k in need}, options,
-                       student_folder(args.preset, args.option))
+    given = {"nat": (args.nat_teacher, args.nat_arch, args.nat_epochs),
+             "adv": (args.adv_teacher, args.adv_arch, args.adv_epochs)}
+    folder = student_folder(args.preset, args.option)
+    check_run_dir(run.planned_student(args.preset, {r: run.planned_teacher(r, *given[r]) for r in need if r in given},
+                                      options, folder))
+    teachers = {r: run.teacher(r, *spec) for r, spec in given.items()}
+    best = run.student(args.preset, {k: v for k, v in teachers.items() if k in need}, options, folder)
     if not run.dist.is_main:
         return {}
     plot(best.parent)

@@ -45,6 +45,14 @@ class TimeBudget:
         """Seconds until the deadline (negative once past it)."""
         return self.total_s - self.elapsed()
 
+    def nominal(self, stage: str) -> float:
+        """``stage``'s share of the budget less the reserve, whatever the stages before it took: what names a
+        budgeted stage (a stage trained for a 75-s budget is not the one a 540-s budget asks for), where
+        :meth:`allot`'s seconds vary from run to run with the time the earlier stages and the setup took."""
+        if stage not in self.shares:
+            raise KeyError(f"unknown stage {stage!r}: the budget has {', '.join(self.shares)}")
+        return max(self.total_s - self.reserve_s, 0.0) * self.shares[stage] / sum(self.shares.values())
+
     def allot(self, stage: str) -> float:
         """Start ``stage``: its share of the time left before the reserve, among the stages not yet run."""
         if stage not in self.shares:

@@ -57,6 +57,10 @@ class TrainConfig(_Strict):
     time_budget_s: float | None = Field(
         None, gt=0, description="wall-clock seconds for this run: the epochs (at most `epochs`) are chosen from "
                                 "the throughput measured in its first steps, and cut if it runs behind")
+    stage_budget_s: float | None = Field(
+        None, ge=0, description="a budgeted pipeline stage's nominal seconds (its share of the command's budget): "
+                                "digested, so that a stage trained under one budget is not reused under another "
+                                "(time_budget_s, the share of the time still left when the stage starts, is not)")
     ema_decay: float | None = Field(
         None, gt=0, lt=1, description="keep an exponential moving average of the student's weights (decay warmed "
                                       "up as 1 - (1 + step)^-3/4, capped here); validation selects raw or EMA")
@@ -306,11 +310,11 @@ def digested(config: dict[str, Any]) -> dict[str, Any]:
     d.pop("eval", None)
     train, data = d.setdefault("train", {}), d.setdefault("data", {})
     train.pop("progress", None)
-    train.pop("time_budget_s", None)  # a budgeted run's cache entry is reused under another budget
+    train.pop("time_budget_s", None)  # varies with the time left when the stage starts: stage_budget_s names it
     if train.get("optimizer") == "sgd" and not train.get("optimizer_options"):  # digests of runs written
         train.pop("optimizer"), train.pop("optimizer_options", None)  # before these fields existed still match
     data.pop("workers", None)  # how fast data is decoded, not what it is
-    newer = {"train": (("hold_fraction", 0.0), ("cycle_momentum", None)),
+    newer = {"train": (("hold_fraction", 0.0), ("cycle_momentum", None), ("stage_budget_s", None)),
              "data": (("image_size", None), ("augment", "auto"), ("loader", "auto"))}
     for table, fields in newer.items():
         for key, default in fields:

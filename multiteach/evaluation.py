@@ -2,8 +2,11 @@
 
 Everything runs in fp32 with the model in eval mode, TF32 off unless asked for (``tf32=True``: cuDNN's
 default on Ampere and later GPUs, faster; labelled so in every table). Each row reports clean and
-robust accuracy on the same images and W-Robust = (clean + robust) / 2; the worst case counts an image robust
-only if every attack run failed on it. AutoAttack and Square come from the AutoAttack authors' package (pyautoattack).
+robust accuracy on the same images and W-Robust = (clean + robust) / 2. A row's robust accuracy is the accuracy
+on the attacked images, as the official TRADES, RSLAD and MTARD evaluations count it (an image misclassified
+clean but classified right after the attack counts; AutoAttack leaves such images unattacked); the worst case
+counts an image robust only if it is right clean and every attack run failed on it. AutoAttack and Square come
+from the AutoAttack authors' package (pyautoattack).
 """
 
 from __future__ import annotations
@@ -421,7 +424,9 @@ class TimedEvaluation:
             return None
         k = lo
         mask = torch.cat(done)
-        clean_acc = self._clean[model_name][:k].float().mean().item()
+        clean = self._clean[model_name][:k] if tf32 == self.tf32 else \
+            correct_mask(model, self.x[:k], self.y[:k], None, self.batch_size, self.device, tf32)  # its precision
+        clean_acc = clean.float().mean().item()
         robust = mask.float().mean().item()
         settings = describe(attack) + (f" ({precision_label(tf32)})" if tf32 != self.tf32 else "")
         row = Row(name, settings, clean_acc, robust, (clean_acc + robust) / 2, time.perf_counter() - t0, k)

@@ -2,7 +2,8 @@
 
 A teacher is trained once: ``train_cached`` files each finished run under ``cache_dir/<preset>-<model>-seed<s>-
 <digest>``, the digest hashing everything that shapes training (preset and options, model, data, schedule,
-seed), and returns its ``best.pt`` without training when that entry is complete. An unfinished entry resumes.
+seed, a budgeted stage's share of its budget), and returns its ``best.pt`` without training when that entry is
+complete. An unfinished entry resumes.
 """
 
 from __future__ import annotations
@@ -67,12 +68,9 @@ def train_stage(cfg: ExperimentConfig, splits: Splits | None = None, *, console:
     """Train (or resume, or skip if finished) the run ``cfg.run_dir``; returns its validation-selected best.pt."""
     run_dir = Path(cfg.run_dir)
     done = run_dir / DONE
+    check_run_dir(cfg)
     if done.is_file():
         finished = json.loads(done.read_text())
-        if finished.get("digest", cfg.digest()) != cfg.digest():  # files written before digests: not checked
-            raise ConfigMismatchError(f"{run_dir} holds a finished run of another configuration ("
-                                      f"{_differences(run_dir / 'best.pt', cfg)}): use another run directory, "
-                                      "or remove that one to train this configuration")
         if console is not None:
             console.log(f"{run_dir}: finished earlier ({finished.get('best')}), skipped")
         return run_dir / "best.pt"
@@ -90,13 +88,36 @@ def train_stage(cfg: ExperimentConfig, splits: Splits | None = None, *, console:
     return run_dir / "best.pt"
 
 
-def _differences(best: Path, cfg: ExperimentConfig) -> str:
-    """The first settings in which the finished run's recorded config differs from ``cfg``."""
+def check_run_dir(cfg: ExperimentConfig) -> None:
+    """Refuse a run folder that holds a finished or stopped run of another configuration (naming the first
+    settings that differ), so a pipeline can check its last stage's folder before its first stage trains."""
+    from .checkpoint import load_checkpoint
+
+    run_dir = Path(cfg.run_dir)
+    done, last = run_dir / DONE, run_dir / "last.pt"
+    if done.is_file():
+        digest, what, recorded = json.loads(done.read_text()).get("digest"), "finished", run_dir / "best.pt"
+    elif last.is_file():
+        try:
+            digest = load_checkpoint(last, map_location="cpu").get("experiment", {}).get("digest")
+        except Exception:  # a damaged last.pt: the trainer's resume says what is wrong with it
+            return
+        what, recorded = "stopped", last
+    else:
+        return
+    if digest is not None and digest != cfg.digest():  # files written before digests: not checked
+        raise ConfigMismatchError(f"{run_dir} holds a {what} run of another configuration ("
+                                  f"{_differences(recorded, cfg)}): use another run directory, or remove that one "
+                                  "to train this configuration")
+
+
+def _differences(recorded: Path, cfg: ExperimentConfig) -> str:
+    """The first settings in which the run's recorded config (its best.pt or last.pt) differs from ``cfg``."""
     from .checkpoint import load_checkpoint
 
     try:
-        old = load_checkpoint(best, map_location="cpu").get("experiment", {}).get("config", {})
-    except Exception:  # a damaged or missing best.pt: the digests alone differ
+        old = load_checkpoint(recorded, map_location="cpu").get("experiment", {}).get("config", {})
+    except Exception:  # a damaged or missing file: the digests alone differ
         return "different digest"
     return "; ".join(config_diff(digested(old), digested(cfg.model_dump(mode="json")))[:4]) or "different digest"
 
@@ -143,5 +164,5 @@ def stage_config(preset: str, model: str | ModelConfig, data: Any, run_dir: str 
     )
 
 
-__all__ = ["StageStopped", "cache_entry", "evaluate_checkpoint", "run_command", "stage_config",
+__all__ = ["StageStopped", "cache_entry", "check_run_dir", "evaluate_checkpoint", "run_command", "stage_config",
            "train_cached", "train_stage"]

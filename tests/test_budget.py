@@ -63,6 +63,21 @@ def test_an_overrun_shortens_the_later_stages_and_keeps_the_deadline():
     assert clk.t + 30.0 + b.reserve_s == pytest.approx(100.0)
 
 
+def test_a_stages_nominal_share_does_not_move_with_the_time_the_others_took():
+    """What names a budgeted stage (its cache entry): its share of the budget less the reserve, the same whether
+    the stages before it ran long, were skipped, or the setup took longer; another budget or split moves it."""
+    clk = FakeClock(5.0)
+    b = TimeBudget(100, {"a": 1, "b": 3}, reserve_s=20, clock=clk, start=0.0)
+    assert b.nominal("a") == pytest.approx(20.0) and b.nominal("b") == pytest.approx(60.0)
+    b.skip("a")
+    clk.t = 50.0
+    assert b.allot("b") == pytest.approx(30.0) and b.nominal("b") == pytest.approx(60.0)
+    assert TimeBudget(200, {"a": 1, "b": 3}, reserve_s=20, clock=clk).nominal("b") == pytest.approx(135.0)
+    assert TimeBudget(100, {"a": 1, "b": 1}, reserve_s=20, clock=clk).nominal("b") == pytest.approx(40.0)
+    with pytest.raises(KeyError, match="unknown stage 'c'"):
+        b.nominal("c")
+
+
 def test_a_skipped_stage_gives_its_share_to_the_others():
     clk = FakeClock()
     b = TimeBudget(120, {"a": 1, "b": 1, "c": 2}, clock=clk)
@@ -459,7 +474,7 @@ def test_planner_with_no_warm_up_steps():
 # ---------------------------------------------------------------- the cache digest
 
 
-def test_the_digest_ignores_the_budget_but_not_the_epochs():
+def test_the_digest_ignores_the_time_left_but_not_the_stages_share_nor_the_epochs():
     def exp(**train):
         return ExperimentConfig(preset="natural", student={"model": "cifar_resnet18"}, train=train)
 
@@ -476,6 +491,10 @@ def test_the_digest_ignores_the_budget_but_not_the_epochs():
     assert cache_entry(a, "cache") != cache_entry(exp(epochs=40, time_budget_s=100.0), "cache")
     # the budget still reaches the trainer's config (only the digest ignores it)
     assert a.train.time_budget_s == 100.0 and a.model_dump()["train"]["time_budget_s"] == 100.0
+    # a stage's nominal share of its command's budget names it: a 75-s budget's teacher is not a 540-s one's
+    short, long = exp(epochs=30, stage_budget_s=20.0), exp(epochs=30, stage_budget_s=128.0, time_budget_s=100.0)
+    assert len({plain, short.digest(), long.digest()}) == 3
+    assert exp(epochs=30, stage_budget_s=128.0, time_budget_s=140.0).digest() == long.digest()
 
 
 def test_a_budgets_plan_moves_a_piecewise_schedules_milestones_to_the_same_shares(tmp_path):

@@ -60,7 +60,7 @@ def test_fast_path_trains_with_frozen_teachers(tmp_path):
 
 
 def _trained_student():
-    """A student trained a little (natural, then SAT), so that its CE depends on the input: a weaker attack
+    """A student trained a little (4 natural epochs), so that its CE depends on the input: a weaker attack
     would show as fewer successes (a random-init net's CE is ~ln 10 whatever the input)."""
     torch.manual_seed(0)
     net = tiny_net().cuda()

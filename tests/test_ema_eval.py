@@ -466,6 +466,18 @@ def test_reported_figures_run_without_tf32_and_a_tf32_table_says_so(net_and_data
     rows = te.reports["m"].rows
     assert "(fp32)" in rows[1].settings and "fp32" not in rows[0].settings
     assert "TF32 allowed" in te.reports["m"].table().title
+    # the check row's clean half too is strict fp32 (not the table's TF32 clean pass): a W-Robust of one precision
+    flags = []
+    probe = torch.nn.Sequential(net)
+    probe.register_forward_pre_hook(lambda m, i: flags.append(torch.backends.cudnn.allow_tf32))
+    te = TimedEvaluation(x, y, left=lambda: 1e9, batch_size=len(y), tf32=True)
+    te.clean("p", probe)
+    flags.clear()
+    te.row("p", probe, "fast", spy)
+    assert flags == [True]  # the attacked images; the clean half is the table's clean pass
+    flags.clear()
+    te.row("p", probe, "check", spy, tf32=False)
+    assert flags == [False, False]  # the attacked images and their clean pass, both strict fp32
 
 
 

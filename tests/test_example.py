@@ -1,9 +1,11 @@
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,8 +40,8 @@ def run_reference(out: Path, run_dir: Path, data: Path, budget: int, *extra: str
 def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar_slice, tmp_path, monkeypatch):
     """benchmarks/reference.sh (tiny plan, ample budget) on a slice of CIFAR-10: teachers, student, the table
     with the teacher's rows and AutoAttack, at most 8 files out; the same command stopped by SIGTERM in its
-    evaluation keeps the rows before it (exit 3); then the N = 3 example, which must reuse the two cached
-    teachers and train only the third."""
+    evaluation keeps the rows before it (exit 3); then the N = 3 example under the same budget, which must reuse
+    the two cached teachers and train only the third; table2.py (no budget) trains its own teacher."""
     out, run_dir = tmp_path / "out", tmp_path / "ref"
     short = ["--nat-epochs", "2", "--adv-epochs", "1"]
     proc = run_reference(out, run_dir, cifar_slice, 600, "--eval-n", "100", "--slow-n", "4", "--epochs", "2",
@@ -81,13 +83,14 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
         return row(self, *args, **kwargs)
 
     monkeypatch.setattr(TimedEvaluation, "row", row_then_sigterm)
-    argv = ["--plan", "tiny", "--data-dir", str(cifar_slice), "--run-dir", str(run_dir / "run"), "--teacher-cache",
-            str(run_dir / "teachers"), "--quiet", "--eval-n", "100", "--epochs", "2", *short]
+    [runs] = (run_dir / "run").iterdir()  # the wrapper's folder for this command's plan, budget and arguments
+    argv = ["--plan", "tiny", "--budget", "600", "--data-dir", str(cifar_slice), "--run-dir", str(runs),
+            "--teacher-cache", str(run_dir / "teachers"), "--quiet", "--eval-n", "100", "--epochs", "2", *short]
     with pytest.raises(SystemExit) as stop:
         run_command(lambda: example.main(argv))
     monkeypatch.undo()
     assert stop.value.code == 3 and calls == ["fgsm", "pgd_sat", "pgd_trades"]
-    stopped = json.loads(next((run_dir / "run").glob("*/eval.json")).read_text())
+    stopped = json.loads(next(runs.glob("*/eval.json")).read_text())
     assert [r["attack"] for r in stopped["rows"]] == ["fgsm", "pgd_sat"] and stopped["stopped"]
     assert stopped["skipped"] == ["the rest (stopped by a signal)"]
 
@@ -96,8 +99,8 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
     assert [e.name.split("-")[0] for e in entries] == ["natural", "sat"]
     stamps = {e: (e / "done.json").stat().st_mtime_ns for e in entries}
     common = ["--tiny", "--data-dir", str(cifar_slice), "--teacher-cache", str(cache), "--quiet", *short]
-    report3 = load("three_teachers").main([*common, "--run-dir", str(tmp_path / "three"), "--epochs", "1",
-                                           "--eval-n", "100"])
+    report3 = load("three_teachers").main([*common, "--budget", "600", "--run-dir", str(tmp_path / "three"),
+                                           "--epochs", "1", "--eval-n", "100"])
     assert {e: (e / "done.json").stat().st_mtime_ns for e in entries} == stamps  # reused, not retrained
     assert len(list(cache.iterdir())) == 3  # + the L2 teacher
     rows3 = {r["attack"]: r for r in report3["rows"]}
@@ -107,7 +110,8 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
     last = [m for m in metrics if m["type"] == "step"][-1]
     assert len(last["w"]) == 3 and abs(sum(last["w"]) - 1) < 1e-5
 
-    # benchmarks/table2.py on any subset of presets, from the same cached teachers (none retrained)
+    # benchmarks/table2.py on any subset of presets: without a budget, its own adversarial teacher (a budgeted
+    # stage is named by its share of the budget), the budgeted ones left as they were
     spec = importlib.util.spec_from_file_location("table2", Path(__file__).parents[1] / "benchmarks" / "table2.py")
     table2 = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table2)
@@ -117,6 +121,7 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
     assert all(r["n"] == 50 and {x["attack"] for x in r["rows"]} >= {"fgsm", "pgd_sat"} for r in results.values())
     assert json.loads((tmp_path / "t2" / "table2.json").read_text())["results"].keys() == set(TABLE2_PRESETS)
     assert {e: (e / "done.json").stat().st_mtime_ns for e in entries} == stamps
+    assert len(list(cache.iterdir())) == 4  # + table2's unbudgeted SAT teacher
 
 
 def test_reference_wrapper_out_of_time_still_ends_with_an_evaluated_student(cifar_slice, tmp_path):
@@ -214,6 +219,46 @@ def test_every_lever_is_a_command_line_option_and_bad_values_end_before_any_trai
         err = capsys.readouterr().err
         assert stop.value.code == 2 and why in err and "Traceback" not in err, (flags, err)
     assert not (tmp_path / "teachers").exists() and not (tmp_path / "runs").exists()  # nothing trained
+
+
+def test_a_budget_names_its_stages_and_the_students_folder_is_checked_before_any_training(cifar_slice, tmp_path,
+                                                                                           capsys):
+    """Under --budget a teacher's cache entry is named by its share of the budget: a smoke run's (75 s) is not
+    the reference's (540 s) nor an unbudgeted run's, another split is another teacher, and a second command of
+    the same budget (another setup time) finds the first's. A student folder holding a run of another
+    configuration is refused in one line before any teacher trains."""
+    example = load("mtard_cifar")
+    base = ["--plan", "speedrun", "--data-dir", str(cifar_slice), "--run-dir", str(tmp_path / "runs")]
+
+    def entry(*flags: str) -> Path:
+        run = example.Pipeline(example.parser().parse_args([*base, *flags]))
+        model, checkpoint = run.planned_teacher("adv")
+        assert run.budget is None or not run.budget.allotted  # planning starts no stage's clock
+        return Path(checkpoint).parent
+
+    ref = entry("--budget", "540")
+    assert ref.parent == tmp_path / "teachers" and ref.name.startswith("sat-cifar_resnet18-seed0-")
+    assert entry("--budget", "540", "--started-at", str(time.time() - 30)) == ref
+    assert len({ref, entry("--budget", "75"), entry("--budget", "540", "--share", "adv=0.45"), entry()}) == 4
+
+    run = example.Pipeline(example.parser().parse_args([*base, "--budget", "540"]))
+    teachers = {r: run.planned_teacher(r) for r in ("adv", "nat")}
+    planned = run.planned_student("mtard", teachers)
+    for _, checkpoint in teachers.values():  # once the teachers are trained: the config the student stage builds
+        Path(checkpoint).parent.mkdir(parents=True)
+        Path(checkpoint).write_bytes(b"")
+    assert run.student_config("mtard", teachers).digest() == planned.digest()
+    assert run.budget.allotted == {"student": pytest.approx((540 - 8 - 160) * 0.54, abs=1)}  # only this allots
+    shutil.rmtree(tmp_path / "teachers")
+
+    student = tmp_path / "runs" / "mtard"  # a finished student of another configuration
+    student.mkdir(parents=True)
+    (student / "done.json").write_text(json.dumps({"digest": "0" * 16}))
+    with pytest.raises(SystemExit) as stop:
+        run_command(lambda: example.main([*base, "--plan", "tiny", "--budget", "60", "--quiet"]))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "holds a finished run of another configuration" in err, err
+    assert not (tmp_path / "teachers").exists()  # refused before any teacher trained
 
 
 def test_attack_strength_benchmark_measures_each_training_attack(cifar_slice):

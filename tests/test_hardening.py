@@ -18,7 +18,7 @@ from multiteach.checkpoint import CheckpointError, load_weights
 from multiteach.cli import one_line
 from multiteach.data import TensorLoader, synthetic
 from multiteach.engine.checkpointer import ConfigMismatchError
-from multiteach.pipeline import stage_config, train_stage
+from multiteach.pipeline import check_run_dir, stage_config, train_stage
 from multiteach.rundir import LOCK, RunDirBusyError, RunLock
 from tests.conftest import tiny_net
 
@@ -625,3 +625,15 @@ def test_a_finished_stage_of_another_config_is_refused_not_reused(tmp_path):
     other = stage_config("sat", "cifar_resnet8", data, tmp_path / "run", options={"steps": 2}, **train)
     with pytest.raises(ConfigMismatchError, match=r"another configuration \(options.steps: 1 -> 2\)"):
         train_stage(other, splits)
+    # a stage trained under another budget share is another stage (the time left when it starts is not)
+    budgeted = cfg.model_copy(update={"train": cfg.train.model_copy(update={"stage_budget_s": 75.0})})
+    with pytest.raises(ConfigMismatchError, match=r"finished run .*train.stage_budget_s: None -> 75.0"):
+        train_stage(budgeted, splits)
+    timed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"time_budget_s": 75.0})})
+    assert train_stage(timed, splits) == best and best.stat().st_mtime_ns == stamp
+    # a stopped run (last.pt, no done.json) is checked too, before anything trains
+    (tmp_path / "run" / "done.json").unlink()
+    check_run_dir(cfg)
+    with pytest.raises(ConfigMismatchError, match=r"holds a stopped run of another configuration \(options.steps"):
+        check_run_dir(other)
+    check_run_dir(other.model_copy(update={"run_dir": str(tmp_path / "empty")}))
