@@ -64,8 +64,21 @@ def tf32(enabled: bool) -> Iterator[None]:
     """TF32 tensor-core convolutions and matmuls (10-bit mantissa) on or off inside the block, restored after.
 
     cuDNN runs fp32 convolutions in TF32 by default on Ampere and later GPUs, so a figure reported as fp32 must
-    turn it off; training and model selection may leave it on. No effect on the CPU."""
-    conv, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()  # "medium" (bf16) too
+    turn it off; training and model selection may leave it on. No effect on the CPU. Where the user set the
+    per-backend ``fp32_precision`` API (torch >= 2.9), which refuses the legacy getters, it is set through that."""
+    try:
+        conv, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()  # "medium" (bf16) too
+    except RuntimeError:  # "mix of the legacy and new APIs": the new one is in use
+        backends = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+        saved = [b.fp32_precision for b in backends]
+        for b in backends:
+            b.fp32_precision = "tf32" if enabled else "ieee"
+        try:
+            yield
+        finally:
+            for b, value in zip(backends, saved):
+                b.fp32_precision = value
+        return
     torch.backends.cudnn.allow_tf32 = enabled
     torch.set_float32_matmul_precision("high" if enabled else "highest")
     try:

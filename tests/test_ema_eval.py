@@ -480,6 +480,37 @@ def test_reported_figures_run_without_tf32_and_a_tf32_table_says_so(net_and_data
     assert flags == [False, False]  # the attacked images and their clean pass, both strict fp32
 
 
+def test_tf32_switches_through_the_new_precision_api_where_the_user_set_it(net_and_data):
+    """torch >= 2.9: once a user sets ``torch.backends.fp32_precision``, the legacy getters raise ("mix of the
+    legacy and new APIs"); a table must still switch TF32 off (and back on) and restore the user's settings."""
+    if not hasattr(torch.backends.cudnn, "conv") or not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this torch has no per-backend fp32_precision API")
+    net, x, y = net_and_data
+    flags = [(torch.backends, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision"),
+             (torch.backends.cudnn, "fp32_precision"), (torch.backends.cudnn.conv, "fp32_precision")]
+    before = [getattr(o, n) for o, n in flags]
+    seen = []
+
+    def spy(model, xb, yb):
+        seen.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision))
+        return xb
+
+    try:
+        torch.backends.fp32_precision = "tf32"  # a fresh process's user: the global setting, backends inheriting it
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        with pytest.raises(RuntimeError, match="legacy and new"):
+            torch.get_float32_matmul_precision()
+        set_by_user = [getattr(o, n) for o, n in flags]
+        correct_mask(net, x, y, spy)
+        correct_mask(net, x, y, spy, tf32=True)
+        assert seen == [("ieee", "ieee"), ("tf32", "tf32")]
+        assert [getattr(o, n) for o, n in flags] == set_by_user
+    finally:
+        for (o, n), value in zip(flags, before):
+            setattr(o, n, value)
+    torch.get_float32_matmul_precision()  # the legacy API usable again for the other tests
+
+
 
 # ----------------------------------------------------------------------------- 5. KL reduction option
 TEACHERS = {"mtard": 2, "baseline": 1, "baseline_mt": 2, "mtard3": 3}
