@@ -10,8 +10,9 @@
 # with the budget counted from this script's start, and writes at most 8 files into OUT_DIR: eval.json,
 # reference.log, the student's metrics.jsonl and its figures (losses.png, weights.png, accuracy.png), and the
 # metrics of the teachers it trained (cached ones are reused, not copied). Teachers are cached in RUN_DIR/teachers
-# by recipe, seed and budget share; the student trains in a folder of RUN_DIR/run named by this command's plan,
-# budget and arguments, so the same command resumes it and another (a lever, another budget) gets its own.
+# by recipe, seed and budget share; the student trains in a folder of RUN_DIR/run named by its configuration
+# (--folder-by-config), so a command that trains the same student resumes it (or, finished, evaluates it again)
+# and another (a lever, another budget) trains its own.
 # Setup time counts against the budget. Environment: BUDGET, DATA_DIR, PLAN (speedrun), RUN_DIR.
 set -euo pipefail
 OUT=${1:?usage: bash benchmarks/reference.sh OUT_DIR [extra arguments for examples/mtard_cifar.py]}
@@ -39,7 +40,6 @@ if [ ! -f "$DATA_DIR/train.npz" ]; then
   python3 "$prepare" "$DATA_DIR" >/dev/null
 fi
 RUN_DIR=${RUN_DIR:-/tmp/multiteach_reference}
-runs="$RUN_DIR/run/$(printf '%s\n' "${PLAN:-speedrun}" "${BUDGET:-540}" "$@" | sha1sum | cut -c1-10)"
 left=$(python3 -c "import sys, time; print(f'{float(sys.argv[1]) - (time.time() - float(sys.argv[2])):.1f}')" \
        "${BUDGET:-540}" "$start")
 echo "reference run: ${left} s of ${BUDGET:-540} s left after setup"
@@ -49,13 +49,13 @@ set +e
 timeout --signal=TERM "$(python3 -c "print(int(float('$left')) + 60)")" \
   python3 examples/mtard_cifar.py --plan "${PLAN:-speedrun}" --budget "${BUDGET:-540}" --started-at "$start" \
     --data-dir "$DATA_DIR" \
-    --run-dir "$runs" --teacher-cache "$RUN_DIR/teachers" --autoattack --quiet "$@" 2>&1 \
+    --run-dir "$RUN_DIR/run" --teacher-cache "$RUN_DIR/teachers" --folder-by-config --autoattack --quiet "$@" 2>&1 \
   | tee "$OUT/reference.log"
 rc=${PIPESTATUS[0]}
 set -e
-# this command's student: the run folder it wrote into
+# this command's student: the run folder it wrote into (others there are earlier commands' students)
 written() { find "$1" -mindepth 2 -maxdepth 2 -type f -newer "$stamp" -printf '%h\n' 2>/dev/null | sort -u || true; }
-student=$(written "$runs" | head -n 1)
+student=$(written "$RUN_DIR/run" | head -n 1)
 if [ -n "$student" ]; then
   for f in eval.json metrics.jsonl losses.png weights.png accuracy.png; do
     [ -f "$student/$f" ] && cp "$student/$f" "$OUT/$f"

@@ -5,7 +5,8 @@
     python benchmarks/table2.py --data-dir DIR --presets sat rslad mtard adaad --ablations
 
 Natural, SAT and TRADES train the student directly; ARD, RSLAD and MTARD (and the Fig. 2 ablations with
---ablations) distil from the cached teachers of examples/mtard_cifar.py (trained once, reused). Every
+--ablations) distil from the cached teachers of examples/mtard_cifar.py (trained once, reused; a budgeted run's
+teachers are named by their budget share, so table2, which takes no budget, trains its own). Every
 student gets the same epochs, batch, schedule and seed, is selected on the validation split, and is
 evaluated by the same suite (fp32, eval mode). Writes table2.json in --run-dir. ``--presets`` takes any
 registered preset (``multiteach presets`` lists them): teacher roles ``adv``/``nat``/``l2`` get the cached
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 
 from mtard_cifar import Pipeline, add_arguments  # noqa: E402
 
-from multiteach.pipeline import run_command  # noqa: E402
+from multiteach.pipeline import check_run_dir, run_command  # noqa: E402
 from multiteach.presets import get_preset  # noqa: E402
 
 DEFENSES = ["natural", "sat", "trades", "ard", "rslad", "mtard"]
@@ -50,6 +52,10 @@ def main(argv: list[str] | None = None) -> dict:
     run = Pipeline(args)
     presets = args.presets + (ABLATIONS if args.ablations else [])
     needed = {r for preset in presets for r in get_preset(preset).teachers} | {"adv"}  # adv: the surrogate
+    planned = {r: run.planned_teacher(r) for r in ("nat", "adv", "l2") if r in needed}
+    for preset in presets:  # every student's folder checked before any stage trains
+        check_run_dir(run.planned_student(preset, {r: teacher_for(r, planned, run, run.planned_teacher)
+                                                   for r in get_preset(preset).teachers}))
     teachers = {r: run.teacher(r) for r in ("nat", "adv", "l2") if r in needed}
     results = {}
     for preset in presets:
@@ -78,14 +84,16 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def teacher_for(role: str, teachers: dict[str, tuple[str, str]], run: Pipeline) -> tuple[str, str | None]:
-    """(timm name, checkpoint) for a preset's teacher role (see the module docstring)."""
+def teacher_for(role: str, teachers: dict[str, tuple[str, str]], run: Pipeline,
+                make: Callable[[str], tuple[str, str]] | None = None) -> tuple[str, str | None]:
+    """(timm name, checkpoint) for a preset's teacher role (see the module docstring); ``make`` gives a teacher
+    not yet in ``teachers`` (default: trains it; ``run.planned_teacher``: where it will be)."""
     if role in teachers:
         return teachers[role]
     if role == "peer":
         return run.args.student or run.plan["student"]["model"], None
     if "nat" not in teachers:
-        teachers["nat"] = run.teacher("nat")
+        teachers["nat"] = (make or run.teacher)("nat")
     return teachers["nat"]
 
 

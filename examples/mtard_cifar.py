@@ -519,6 +519,10 @@ def parser() -> argparse.ArgumentParser:
                    help="an option of the student's preset, over the plan's (e.g. reduction=mean, the official "
                         "KL scale; beta=2; steps=10, with the preset's own step unless alpha is given); the student "
                         "trains in its own folder, named by them; repeatable")
+    p.add_argument("--folder-by-config", action="store_true",
+                   help="name the student's folder by its configuration too (mtard-1a2b3c4d): another configuration "
+                        "(budget, teachers, data) trains in its own folder instead of being refused; the same one "
+                        "resumes, or is evaluated again (benchmarks/reference.sh uses it)")
     return p
 
 
@@ -536,9 +540,11 @@ def main(argv: list[str] | None = None) -> dict:
         run.check_build("--adv-option", preset, archs["adv"], run.options("adv", preset))
     given = {"nat": (args.nat_teacher, args.nat_arch, args.nat_epochs),
              "adv": (args.adv_teacher, args.adv_arch, args.adv_epochs)}
+    planned = {r: run.planned_teacher(r, *given[r]) for r in need if r in given}
     folder = student_folder(args.preset, args.option)
-    check_run_dir(run.planned_student(args.preset, {r: run.planned_teacher(r, *given[r]) for r in need if r in given},
-                                      options, folder))
+    if args.folder_by_config:  # the digest of what trains the student: another configuration, another folder
+        folder += "-" + run.planned_student(args.preset, planned, options, folder).digest()[:8]
+    check_run_dir(run.planned_student(args.preset, planned, options, folder))  # before any stage trains
     teachers = {r: run.teacher(r, *spec) for r, spec in given.items()}
     best = run.student(args.preset, {k: v for k, v in teachers.items() if k in need}, options, folder)
     if not run.dist.is_main:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from mtard_cifar import Pipeline, add_arguments, console, plot  # noqa: E402
 
-from multiteach.pipeline import run_command  # noqa: E402
+from multiteach.pipeline import check_run_dir, run_command  # noqa: E402
 from multiteach.transforms import PGD  # noqa: E402
 
 
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     run = Pipeline(args)
     epochs = {"nat": args.nat_epochs, "adv": args.adv_epochs}
+    planned = {role: run.planned_teacher(role, epochs=epochs.get(role)) for role in ("nat", "adv", "l2")}
+    check_run_dir(run.planned_student("mtard3", planned, {"weighter": args.weighter}))  # before any stage trains
     teachers = {role: run.teacher(role, epochs=epochs.get(role)) for role in ("nat", "adv", "l2")}
     best = run.student("mtard3", teachers, options={"weighter": args.weighter})
     if not run.dist.is_main:

@@ -48,7 +48,8 @@ class TimeBudget:
     def nominal(self, stage: str) -> float:
         """``stage``'s share of the budget less the reserve, whatever the stages before it took: what names a
         budgeted stage (a stage trained for a 75-s budget is not the one a 540-s budget asks for), where
-        :meth:`allot`'s seconds vary from run to run with the time the earlier stages and the setup took."""
+        :meth:`allot`'s seconds vary from run to run with the time the earlier stages and the setup took (a stage
+        after a cached or given one is allotted more, under the same name)."""
         if stage not in self.shares:
             raise KeyError(f"unknown stage {stage!r}: the budget has {', '.join(self.shares)}")
         return max(self.total_s - self.reserve_s, 0.0) * self.shares[stage] / sum(self.shares.values())

@@ -393,6 +393,7 @@ class TimedEvaluation:
         if latency_bound:
             self.latency(model_name, model)
         done: list[Tensor] = []
+        clean: list[Tensor] = []  # a row in the table's precision: its clean pass
         lo, t0 = 0, time.perf_counter()
         while lo < n:
             fits = [c for c in sizes
@@ -404,6 +405,9 @@ class TimedEvaluation:
             try:  # a latency-bound attack pays its fixed part per call: the whole chunk in one
                 done.append(correct_mask(model, self.x[lo:hi], self.y[lo:hi], attack,
                                          hi - lo if latency_bound else self.batch_size, self.device, tf32))
+                if tf32 != self.tf32:  # a row in another precision than the table: its clean half in that one too
+                    clean.append(correct_mask(model, self.x[lo:hi], self.y[lo:hi], None, self.batch_size,
+                                              self.device, tf32))
             except Exception as e:  # an optional row that breaks must not take the table with it
                 if required:
                     raise
@@ -424,9 +428,7 @@ class TimedEvaluation:
             return None
         k = lo
         mask = torch.cat(done)
-        clean = self._clean[model_name][:k] if tf32 == self.tf32 else \
-            correct_mask(model, self.x[:k], self.y[:k], None, self.batch_size, self.device, tf32)  # its precision
-        clean_acc = clean.float().mean().item()
+        clean_acc = (torch.cat(clean) if clean else self._clean[model_name][:k]).float().mean().item()
         robust = mask.float().mean().item()
         settings = describe(attack) + (f" ({precision_label(tf32)})" if tf32 != self.tf32 else "")
         row = Row(name, settings, clean_acc, robust, (clean_acc + robust) / 2, time.perf_counter() - t0, k)

@@ -80,6 +80,7 @@ def train_stage(cfg: ExperimentConfig, splits: Splits | None = None, *, console:
         raise StageStopped(f"{run_dir}: {result.status}; run the same command again to resume")
     if dist is None or dist.is_main:
         done.write_text(json.dumps({"best": result.best, "epochs": result.epoch, "digest": cfg.digest(),
+                                    "stage_budget_s": cfg.train.stage_budget_s,
                                     "seconds_this_call": time.perf_counter() - t0}, indent=2))
     if console is not None:
         best = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.best.items()}
@@ -96,7 +97,10 @@ def check_run_dir(cfg: ExperimentConfig) -> None:
     run_dir = Path(cfg.run_dir)
     done, last = run_dir / DONE, run_dir / "last.pt"
     if done.is_file():
-        digest, what, recorded = json.loads(done.read_text()).get("digest"), "finished", run_dir / "best.pt"
+        finished = json.loads(done.read_text())
+        digest, what, recorded = finished.get("digest"), "finished", run_dir / "best.pt"
+        if digest == cfg.digest() and "stage_budget_s" not in finished and cfg.train.stage_budget_s is None:
+            _refuse_unnamed_budget(recorded, cfg)
     elif last.is_file():
         try:
             digest = load_checkpoint(last, map_location="cpu").get("experiment", {}).get("digest")
@@ -109,6 +113,21 @@ def check_run_dir(cfg: ExperimentConfig) -> None:
         raise ConfigMismatchError(f"{run_dir} holds a {what} run of another configuration ("
                                   f"{_differences(recorded, cfg)}): use another run directory, or remove that one "
                                   "to train this configuration")
+
+
+def _refuse_unnamed_budget(best: Path, cfg: ExperimentConfig) -> None:
+    """A run finished under a time budget before budgets named their stages has the digest of an unbudgeted run:
+    refused, not reused as one (a teacher of a 75-s smoke run is not the 30-epoch one asked for)."""
+    from .checkpoint import load_checkpoint
+
+    try:
+        train = load_checkpoint(best, map_location="cpu").get("experiment", {}).get("config", {}).get("train", {})
+    except Exception:  # a damaged or missing best.pt: loading it says what is wrong
+        return
+    if train.get("time_budget_s") is not None:
+        raise ConfigMismatchError(f"{best.parent} holds a run trained under a {train['time_budget_s']:.0f}-s time "
+                                  "budget (written before budgets named their stages), not this unbudgeted "
+                                  "configuration: remove it, or use another folder")
 
 
 def _differences(recorded: Path, cfg: ExperimentConfig) -> str:

@@ -69,6 +69,8 @@ def tf32(enabled: bool) -> Iterator[None]:
     try:
         conv, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()  # "medium" (bf16) too
     except RuntimeError:  # "mix of the legacy and new APIs": the new one is in use
+        conv = matmul = None
+    if matmul is None:
         backends = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
         saved = [b.fp32_precision for b in backends]
         for b in backends:

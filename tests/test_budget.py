@@ -497,6 +497,16 @@ def test_the_digest_ignores_the_time_left_but_not_the_stages_share_nor_the_epoch
     assert exp(epochs=30, stage_budget_s=128.0, time_budget_s=140.0).digest() == long.digest()
 
 
+def test_digests_of_runs_written_before_stay_as_they_were():
+    """Every cache entry and run folder is found by its digest: a new setting at its default must leave the
+    digest of an older config as it was (this one's, as a5cc0f7 computed it), or every cache is orphaned."""
+    cfg = ExperimentConfig(preset="sat", options={"steps": 5}, student={"model": "cifar_resnet18"},
+                           data={"data_dir": None, "val_size": 1000},
+                           train={"epochs": 30, "batch_size": 256, "lr": 0.2, "schedule": "cosine", "milestones": [],
+                                  "ema_decay": 0.999, "time_budget_s": 100.0})
+    assert cfg.digest() == "a052d74c6f8b44de"
+
+
 def test_a_budgets_plan_moves_a_piecewise_schedules_milestones_to_the_same_shares(tmp_path):
     """200 epochs decayed at 100 and 150 planned as 20 decay at 10 and 15: a budget that cuts a piecewise run
     still anneals (the milestones would otherwise lie past its end: a constant LR)."""

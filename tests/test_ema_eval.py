@@ -479,6 +479,15 @@ def test_reported_figures_run_without_tf32_and_a_tf32_table_says_so(net_and_data
     te.row("p", probe, "check", spy, tf32=False)
     assert flags == [False, False]  # the attacked images and their clean pass, both strict fp32
 
+    def fails_on_the_clean_pass(m, i):  # e.g. out of memory: the optional row is skipped, the table goes on
+        if len(flags) == 2:
+            raise RuntimeError("CUDA out of memory")
+
+    probe.register_forward_pre_hook(fails_on_the_clean_pass)
+    flags.clear()
+    assert te.row("p", probe, "check again", spy, tf32=False) is None
+    assert te.skipped == ["p/check again (RuntimeError: CUDA out of memory)"] and len(te.reports["p"].rows) == 2
+
 
 def test_tf32_switches_through_the_new_precision_api_where_the_user_set_it(net_and_data):
     """torch >= 2.9: once a user sets ``torch.backends.fp32_precision``, the legacy getters raise ("mix of the

@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -83,14 +84,17 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
         return row(self, *args, **kwargs)
 
     monkeypatch.setattr(TimedEvaluation, "row", row_then_sigterm)
-    [runs] = (run_dir / "run").iterdir()  # the wrapper's folder for this command's plan, budget and arguments
-    argv = ["--plan", "tiny", "--budget", "600", "--data-dir", str(cifar_slice), "--run-dir", str(runs),
-            "--teacher-cache", str(run_dir / "teachers"), "--quiet", "--eval-n", "100", "--epochs", "2", *short]
+    [student] = (run_dir / "run").iterdir()  # the wrapper's: named by its configuration
+    assert re.fullmatch(r"mtard-[0-9a-f]{8}", student.name)
+    argv = ["--plan", "tiny", "--budget", "600", "--data-dir", str(cifar_slice), "--run-dir", str(run_dir / "run"),
+            "--teacher-cache", str(run_dir / "teachers"), "--folder-by-config", "--quiet", "--eval-n", "100",
+            "--epochs", "2", *short]  # other evaluation flags: the same student
     with pytest.raises(SystemExit) as stop:
         run_command(lambda: example.main(argv))
     monkeypatch.undo()
     assert stop.value.code == 3 and calls == ["fgsm", "pgd_sat", "pgd_trades"]
-    stopped = json.loads(next(runs.glob("*/eval.json")).read_text())
+    assert list((run_dir / "run").iterdir()) == [student]  # found finished, evaluated again: not retrained
+    stopped = json.loads((student / "eval.json").read_text())
     assert [r["attack"] for r in stopped["rows"]] == ["fgsm", "pgd_sat"] and stopped["stopped"]
     assert stopped["skipped"] == ["the rest (stopped by a signal)"]
 

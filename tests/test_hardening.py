@@ -637,3 +637,12 @@ def test_a_finished_stage_of_another_config_is_refused_not_reused(tmp_path):
     with pytest.raises(ConfigMismatchError, match=r"holds a stopped run of another configuration \(options.steps"):
         check_run_dir(other)
     check_run_dir(other.model_copy(update={"run_dir": str(tmp_path / "empty")}))
+    # a run finished under a time budget before budgets named their stages: its digest is an unbudgeted run's,
+    # and it is refused as one (its done.json has no stage_budget_s; its best.pt records the budget)
+    (tmp_path / "run" / "done.json").write_text(json.dumps({"digest": cfg.digest()}))
+    check_run_dir(cfg)  # unbudgeted: reused
+    ckpt = torch.load(best, weights_only=False)
+    ckpt["experiment"]["config"]["train"]["time_budget_s"] = 75.0
+    torch.save(ckpt, best)
+    with pytest.raises(ConfigMismatchError, match="under a 75-s time budget"):
+        check_run_dir(cfg)
