@@ -34,7 +34,7 @@ from rich.console import Console
 
 from multiteach.budget import TimeBudget
 from multiteach.build import build_recipe, eval_tensors, load_splits
-from multiteach.config import DataConfig, ExperimentConfig, apply_override
+from multiteach.config import DataConfig, ExperimentConfig, apply_override, planned_checkpoints
 from multiteach.distributed import DistContext
 from multiteach.evaluation import (
     AutoAttack,
@@ -315,8 +315,7 @@ class Pipeline:
         be, unchecked): to refuse a student folder holding a run of another configuration (another budget, other
         teachers) before any stage trains, not once the teachers are trained."""
         cfg = self.student_config(preset, {r: (m, None) for r, (m, _) in teachers.items()}, options, name, allot=False)
-        return cfg.model_copy(update={"teachers": {r: t.model_copy(update={"checkpoint": teachers[r][1]})
-                                                   for r, t in cfg.teachers.items()}})
+        return planned_checkpoints(cfg, {r: checkpoint for r, (_, checkpoint) in teachers.items()})
 
     def teacher(self, role: str, checkpoint: str | None = None, model: str | None = None,
                 epochs: int | None = None) -> tuple[str, str]:

@@ -210,7 +210,7 @@ def preset_config(preset: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     schedule's shape; the result is validated (a misspelt key is refused here, not when training starts)."""
     import copy
 
-    from .config import ExperimentConfig, apply_override
+    from .config import ExperimentConfig, apply_override, planned_checkpoints
     from .presets import get_preset
 
     info = get_preset(preset)
@@ -224,9 +224,8 @@ def preset_config(preset: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     for t in checkable.get("teachers", {}).values():
         if isinstance(t, dict):
             t["checkpoint"] = None
-    base = ExperimentConfig.model_validate(checkable).model_dump(mode="json")
-    for role, t in base["teachers"].items():
-        t["checkpoint"] = given["teachers"][role].get("checkpoint")
+    base = planned_checkpoints(ExperimentConfig.model_validate(checkable),
+                               {r: t.get("checkpoint") for r, t in given["teachers"].items()}).model_dump(mode="json")
     info.check_options(base["options"])
     base["options"] = {**{k: list(v) if isinstance(v, tuple) else v for k, v in info.options().items()
                           if v is not None}, **base["options"]}

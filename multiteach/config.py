@@ -302,6 +302,13 @@ class ExperimentConfig(_Strict):
                               ).hexdigest()[:16]
 
 
+def planned_checkpoints(cfg: ExperimentConfig, checkpoints: dict[str, str | None]) -> ExperimentConfig:
+    """``cfg`` with its teachers' checkpoints set to files that need not exist yet (a config planned before its
+    teachers are trained, or written for later): validated without them, the paths set unchecked."""
+    return cfg.model_copy(update={"teachers": {r: t.model_copy(update={"checkpoint": checkpoints.get(r)})
+                                               for r, t in cfg.teachers.items()}})
+
+
 def digested(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a config (as dumped, or as a checkpoint records it) that :meth:`ExperimentConfig.digest`
     hashes: what shapes the trajectory, not where it is logged or shown."""
@@ -457,4 +464,4 @@ def _table_model(info: Any) -> tuple[type[BaseModel] | None, bool]:
 
 
 __all__ = ["DataConfig", "EvalConfig", "ExperimentConfig", "ModelConfig", "TrainConfig", "apply_override", "digested",
-           "read_config", "to_toml"]
+           "planned_checkpoints", "read_config", "to_toml"]

@@ -92,8 +92,6 @@ def train_stage(cfg: ExperimentConfig, splits: Splits | None = None, *, console:
 def check_run_dir(cfg: ExperimentConfig) -> None:
     """Refuse a run folder that holds a finished or stopped run of another configuration (naming the first
     settings that differ), so a pipeline can check its last stage's folder before its first stage trains."""
-    from .checkpoint import load_checkpoint
-
     run_dir = Path(cfg.run_dir)
     done, last = run_dir / DONE, run_dir / "last.pt"
     if done.is_file():
@@ -101,12 +99,8 @@ def check_run_dir(cfg: ExperimentConfig) -> None:
         digest, what, recorded = finished.get("digest"), "finished", run_dir / "best.pt"
         if digest == cfg.digest() and "stage_budget_s" not in finished and cfg.train.stage_budget_s is None:
             _refuse_unnamed_budget(recorded, cfg)
-    elif last.is_file():
-        try:
-            digest = load_checkpoint(last, map_location="cpu").get("experiment", {}).get("digest")
-        except Exception:  # a damaged last.pt: the trainer's resume says what is wrong with it
-            return
-        what, recorded = "stopped", last
+    elif last.is_file():  # (a damaged one: the trainer's resume says what is wrong with it)
+        digest, what, recorded = _recorded(last).get("digest"), "stopped", last
     else:
         return
     if digest is not None and digest != cfg.digest():  # files written before digests: not checked
@@ -118,12 +112,7 @@ def check_run_dir(cfg: ExperimentConfig) -> None:
 def _refuse_unnamed_budget(best: Path, cfg: ExperimentConfig) -> None:
     """A run finished under a time budget before budgets named their stages has the digest of an unbudgeted run:
     refused, not reused as one (a teacher of a 75-s smoke run is not the 30-epoch one asked for)."""
-    from .checkpoint import load_checkpoint
-
-    try:
-        train = load_checkpoint(best, map_location="cpu").get("experiment", {}).get("config", {}).get("train", {})
-    except Exception:  # a damaged or missing best.pt: loading it says what is wrong
-        return
+    train = _recorded(best).get("config", {}).get("train", {})
     if train.get("time_budget_s") is not None:
         raise ConfigMismatchError(f"{best.parent} holds a run trained under a {train['time_budget_s']:.0f}-s time "
                                   "budget (written before budgets named their stages), not this unbudgeted "
@@ -132,13 +121,20 @@ def _refuse_unnamed_budget(best: Path, cfg: ExperimentConfig) -> None:
 
 def _differences(recorded: Path, cfg: ExperimentConfig) -> str:
     """The first settings in which the run's recorded config (its best.pt or last.pt) differs from ``cfg``."""
+    old = _recorded(recorded).get("config")
+    if old is None:
+        return "different digest"
+    return "; ".join(config_diff(digested(old), digested(cfg.model_dump(mode="json")))[:4]) or "different digest"
+
+
+def _recorded(checkpoint: Path) -> dict[str, Any]:
+    """The ``experiment`` (digest, config) a run's checkpoint records; {} for a damaged or missing file."""
     from .checkpoint import load_checkpoint
 
     try:
-        old = load_checkpoint(recorded, map_location="cpu").get("experiment", {}).get("config", {})
-    except Exception:  # a damaged or missing file: the digests alone differ
-        return "different digest"
-    return "; ".join(config_diff(digested(old), digested(cfg.model_dump(mode="json")))[:4]) or "different digest"
+        return load_checkpoint(checkpoint, map_location="cpu").get("experiment") or {}
+    except Exception:
+        return {}
 
 
 def train_cached(cfg: ExperimentConfig, cache_dir: str | Path, splits: Splits | None = None, **kwargs: Any) -> Path:

@@ -66,28 +66,25 @@ def tf32(enabled: bool) -> Iterator[None]:
     cuDNN runs fp32 convolutions in TF32 by default on Ampere and later GPUs, so a figure reported as fp32 must
     turn it off; training and model selection may leave it on. No effect on the CPU. Where the user set the
     per-backend ``fp32_precision`` API (torch >= 2.9), which refuses the legacy getters, it is set through that."""
-    try:
-        conv, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()  # "medium" (bf16) too
+    def legacy(conv: bool, matmul: str) -> None:
+        torch.backends.cudnn.allow_tf32 = conv
+        torch.set_float32_matmul_precision(matmul)
+
+    def per_backend(matmul: str, conv: str) -> None:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = matmul, conv
+
+    try:  # the user's settings, "medium" (bf16 matmuls) too, are restored after the block
+        apply, saved = legacy, (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+        wanted: tuple = (enabled, "high" if enabled else "highest")
     except RuntimeError:  # "mix of the legacy and new APIs": the new one is in use
-        conv = matmul = None
-    if matmul is None:
-        backends = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
-        saved = [b.fp32_precision for b in backends]
-        for b in backends:
-            b.fp32_precision = "tf32" if enabled else "ieee"
-        try:
-            yield
-        finally:
-            for b, value in zip(backends, saved):
-                b.fp32_precision = value
-        return
-    torch.backends.cudnn.allow_tf32 = enabled
-    torch.set_float32_matmul_precision("high" if enabled else "highest")
+        apply = per_backend
+        saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+        wanted = ("tf32", "tf32") if enabled else ("ieee", "ieee")
+    apply(*wanted)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = conv
-        torch.set_float32_matmul_precision(matmul)
+        apply(*saved)
 
 
 def seed_everything(seed: int) -> None:
