@@ -114,6 +114,20 @@ SPEEDRUN = {
                "exit_margin_s": 8},
     "eval_tf32": True,
 }
+# CPU: the speedrun's recipe scaled to a 2-core CPU (ResNet-8, 10,000 training images, 15 / 10 / 10 epochs; about
+# an hour per student with its table): for comparing levers where no GPU is at hand. Its figures rank options; the
+# levels are a small net's, far below the speedrun's.
+CPU = {
+    "nat": dict(model="cifar_resnet8", preset="natural", epochs=15, options={}),
+    "adv": dict(model="cifar_resnet8", preset="sat", epochs=10,
+                options={"steps": 5, "alpha": 4 / 255, "bn_mode": "eval"}),
+    "l2": dict(model="cifar_resnet8", preset="sat", epochs=10,
+               options={"steps": 5, "norm": "L2", "eps": 0.5, "alpha": 0.125, "bn_mode": "eval"}),
+    "student": dict(model="cifar_resnet8", epochs=10, options=SPEEDRUN["student"]["options"]),
+    "train": dict(batch_size=128, lr=0.1, warmup_epochs=1.0, schedule="cosine", milestones=[], weight_decay=5e-4,
+                  ema_decay=0.999, eval_every=2, eval_pgd_steps=10),
+    "val_size": 500, "train_size": 10000, "eval_n": 1000,
+}
 # PAPER: the MTARD paper's protocol on CIFAR-10, for users with the time (hours on one GPU): a ResNet-56 natural
 # teacher and a TRADES WRN-34-10 adversarial teacher (the paper loads RobustBench's Zhang2019Theoretically;
 # --adv-teacher gives one), the ResNet-18 student with every MTARD setting as published (PGD-10 from
@@ -128,7 +142,7 @@ PAPER = {
     "train": {},
     "val_size": 1000, "train_size": None, "eval_n": None,
 }
-PLANS = {"full": FULL, "tiny": TINY, "speedrun": SPEEDRUN, "paper": PAPER}
+PLANS = {"full": FULL, "tiny": TINY, "speedrun": SPEEDRUN, "paper": PAPER, "cpu": CPU}
 DEFAULT_BUDGET = {"shares": {"nat": 0.15, "adv": 0.35, "student": 0.5}, "eval_reserve_s": 240, "autoattack_n": 1000,
                   "exit_margin_s": 8}
 
@@ -352,8 +366,9 @@ class Pipeline:
         return best
 
     def table(self, preset: str, best: Path, surrogate: tuple[str, str] | None = None,
-              extra: dict | None = None) -> dict:
-        """The robustness table of a student (rank 0 only), saved as eval.json beside its checkpoint."""
+              extra: dict | None = None, model: str | None = None, role: str = "student") -> dict:
+        """The robustness table of a student (rank 0 only), saved as eval.json beside its checkpoint; ``model``
+        and ``role``: another network's (a teacher's), by its timm name."""
         a = self.args
         device = self.dist.device(a.device)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -364,12 +379,12 @@ class Pipeline:
             net = load_model(*surrogate, self.splits.num_classes).to(device) if surrogate else None
             attacks.update(black_box_attacks(net))
         t0 = time.perf_counter()
-        model = a.student or self.plan["student"]["model"]
+        model = model or a.student or self.plan["student"]["model"]
         report = evaluate_checkpoint(model, best, self.splits, attacks, device, a.eval_n or self.plan["eval_n"],
                                      slow_subsets(a.slow_n), tf32=self.eval_tf32)
         self.timings[f"{preset}_eval_s"] = time.perf_counter() - t0
         report.meta.update(timings=self.timings, data=a.data_dir or "torchvision", preset=preset)
-        console.print(report.table(f"{preset} student ({model})"))
+        console.print(report.table(f"{preset} {role} ({model})"))
         report.save_json(best.parent / "eval.json")
         return report.to_dict()
 
@@ -387,11 +402,19 @@ class Pipeline:
         left = self.budget.left if self.budget is not None else (lambda: float("inf"))
         ev = TimedEvaluation(x, y, left, batch_size=500, device=device, tf32=self.eval_tf32)
         student_name = a.student or self.plan["student"]["model"]
-        picked = load_checkpoint(best)
-        label = f"{preset} student ({student_name}, {picked.get('weights', 'raw')} weights, epoch {picked['epoch']})"
+
+        def selected(checkpoint: str | Path) -> str:
+            """Which weights a checkpoint of this library holds (', ema weights, epoch 40'); '' for another's."""
+            picked = load_checkpoint(checkpoint)
+            if not isinstance(picked, dict) or "epoch" not in picked:
+                return ""
+            return f", {picked.get('weights', 'raw')} weights, epoch {picked['epoch']}"
+
+        label = f"{preset} student ({student_name}{selected(best)})"
         models = {label: load_model(student_name, best, self.splits.num_classes).to(device)}
         if "adv" in teachers:
-            teacher_label = f"adv teacher ({teachers['adv'][0]}, {self.origins.get('adv', 'given')})"
+            teacher_label = f"adv teacher ({teachers['adv'][0]}, {self.origins.get('adv', 'given')}" \
+                            f"{selected(teachers['adv'][1])})"
             models[teacher_label] = load_model(*teachers["adv"], self.splits.num_classes).to(device)
         student, *rest = models
         t0 = time.perf_counter()
@@ -407,7 +430,7 @@ class Pipeline:
                 ev.row(student, models[student], name, attack, required=name == "pgd_sat")
             if "nat" in teachers:
                 nat = load_model(*teachers["nat"], self.splits.num_classes).to(device)
-                nat_clean = ev.clean(f"nat teacher ({teachers['nat'][0]})", nat)
+                nat_clean = ev.clean(f"nat teacher ({teachers['nat'][0]}{selected(teachers['nat'][1])})", nat)
             for t in rest:
                 ev.clean(t, models[t])
                 ev.row(t, models[t], "pgd_sat", rows["pgd_sat"])

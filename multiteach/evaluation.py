@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .data import Images
 from .registry import ATTACKS
 from .runtime import tf32 as tf32_mode
+from .signals import DeadlinePassed, deadline
 from .transforms import PGD, module_mode
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -310,7 +311,8 @@ class TimedEvaluation:
     prediction. A row that would not fit is skipped (``required=True`` runs it regardless). ``chunk`` runs a
     slow row in slices of the first ``n`` images (a sequence: the largest size that still fits, then smaller
     ones), so it may stop early and report the images it covered; a latency-bound attack runs each slice as
-    one call. fp32 (``tf32``: TF32 allowed, labelled so), eval mode.
+    one call. A chunk that runs past the time left (a prediction too low) is cut there (:func:`deadline`) and
+    dropped, the chunks before it kept. fp32 (``tf32``: TF32 allowed, labelled so), eval mode.
     """
 
     def __init__(self, x: Tensor | Images, y: Tensor, left: Callable[[], float], batch_size: int = 500,
@@ -403,16 +405,26 @@ class TimedEvaluation:
             hi = min(lo + fits[0], n)
             t1 = time.perf_counter()
             try:  # a latency-bound attack pays its fixed part per call: the whole chunk in one
-                done.append(correct_mask(model, self.x[lo:hi], self.y[lo:hi], attack,
-                                         hi - lo if latency_bound else self.batch_size, self.device, tf32))
-                if tf32 != self.tf32:  # a row in another precision than the table: its clean half in that one too
-                    clean.append(correct_mask(model, self.x[lo:hi], self.y[lo:hi], None, self.batch_size,
-                                              self.device, tf32))
+                with deadline(None if required else self.left() - self.margin_s):  # a prediction that ran short
+                    chunk_mask = correct_mask(model, self.x[lo:hi], self.y[lo:hi], attack,
+                                              hi - lo if latency_bound else self.batch_size, self.device, tf32)
+                    # a row in another precision than the table: its clean half in that one too
+                    chunk_clean = None if tf32 == self.tf32 else correct_mask(
+                        model, self.x[lo:hi], self.y[lo:hi], None, self.batch_size, self.device, tf32)
+            except DeadlinePassed:  # the chunk is dropped, the chunks before it stand
+                self.skipped.append(f"{model_name}/{name} (cut at the time budget"
+                                    + (f" after {lo} of {n} images)" if lo else ")"))
+                if lo == 0:
+                    return None
+                break
             except Exception as e:  # an optional row that breaks must not take the table with it
                 if required:
                     raise
                 self.skipped.append(f"{model_name}/{name} ({type(e).__name__}: {e})")
                 return None
+            done.append(chunk_mask)
+            if chunk_clean is not None:
+                clean.append(chunk_clean)
             seconds = time.perf_counter() - t1
             if getattr(attack, "steps", None) is not None and not latency_bound and tf32 == self.tf32:
                 rate = self._passes.setdefault(model_name, [0.0, 0.0])  # a known count of passes, this precision

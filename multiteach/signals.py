@@ -1,9 +1,11 @@
-"""Signals: a training's stop flag (checked between steps, so it saves and exits cleanly) and SIGTERM as
-Ctrl-C elsewhere. No torch here: the CLI installs these before anything heavy is imported."""
+"""Signals: a training's stop flag (checked between steps, so it saves and exits cleanly), SIGTERM as
+Ctrl-C elsewhere, and a deadline that cuts a block of work at a time budget. No torch here: the CLI installs
+these before anything heavy is imported."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 from collections.abc import Iterator
 
@@ -61,4 +63,38 @@ def sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-__all__ = ["StopFlag", "sigterm_interrupts", "stop_on_signals"]
+class DeadlinePassed(BaseException):
+    """Raised inside a :func:`deadline` block once its time is up. A BaseException, as KeyboardInterrupt is, so
+    that third-party code that catches Exception (an attack library's retry) does not swallow it."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`DeadlinePassed` inside this block once ``seconds`` of wall time have passed: one call that
+    the caller cannot split (an AutoAttack run) still ends within a time budget. ``None`` or infinite seconds, no
+    SIGALRM (Windows) or not the main thread: the block runs uncut. Not nested: an inner deadline replaces an
+    outer one. The exception comes between Python bytecodes, so a long kernel finishes first."""
+    if seconds is None or not math.isfinite(seconds) or not hasattr(signal, "setitimer"):
+        yield
+        return
+    armed = [True]
+
+    def expire(signum: int, frame: object) -> None:
+        if armed[0]:
+            raise DeadlinePassed
+
+    try:
+        previous = signal.signal(signal.SIGALRM, expire)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+        yield
+    finally:
+        armed[0] = False  # an alarm between here and the disarm raises nothing
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+__all__ = ["DeadlinePassed", "StopFlag", "deadline", "sigterm_interrupts", "stop_on_signals"]

@@ -4,6 +4,8 @@ import copy
 import importlib
 import inspect
 import json
+import signal
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +17,7 @@ import multiteach.trainer as mt_trainer
 from multiteach.data import TensorLoader, synthetic
 from multiteach.evaluation import TimedEvaluation, correct_mask
 from multiteach.presets import PRESETS
+from multiteach.signals import DeadlinePassed, deadline
 from tests.conftest import SignalAtStep, tiny_net
 
 DECAY = 0.6  # 1 - (1 + s)^-0.75 passes 0.6 at s = 3: the warmup AND the cap both show up in a 12-step run
@@ -353,6 +356,76 @@ def test_a_chunked_row_stops_when_time_runs_out_and_reports_the_images_covered(n
     full = Counted(_pgd("none"))
     row = te.row("m", net, "slow_full", full, n=48, chunk=16)
     assert full.calls == 3 and row.n == 48 and row.clean == pytest.approx(24 / 48)
+
+
+class Stalls:
+    """An attack whose calls from ``stall_at`` on never finish on their own (sleeps, up to a minute, then records
+    that it was not stopped): what a row predicted to fit but running far longer looks like."""
+
+    def __init__(self, stall_at=1):
+        self.calls, self.stall_at, self.finished_stalls = 0, stall_at, 0
+
+    def __call__(self, model, x, y):
+        self.calls += 1
+        if self.calls >= self.stall_at:
+            for _ in range(6000):
+                time.sleep(0.01)
+            self.finished_stalls += 1
+        return x
+
+    def __repr__(self):
+        return "Stalls()"
+
+
+def test_deadline_raises_in_the_block_at_its_time_and_leaves_no_alarm_behind():
+    handler = signal.getsignal(signal.SIGALRM)
+    with pytest.raises(DeadlinePassed):
+        with deadline(0.2):
+            for _ in range(6000):  # a minute, unless cut
+                time.sleep(0.01)
+    with deadline(60.0):  # a block that ends in time: nothing raised, then or later
+        pass
+    time.sleep(0.3)
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) == handler
+    with deadline(None), deadline(float("inf")):  # no budget: uncut, no timer
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_a_row_running_past_the_time_left_is_cut_and_the_table_goes_on(net_and_data, monkeypatch):
+    """A prediction too low (AutoAttack's, on a GPU it never ran on) must not carry the table past its budget:
+    the call is cut when the time left runs out; a chunked row keeps the chunks it finished."""
+    net, x, y = net_and_data
+    te = TimedEvaluation(x, y, left=lambda: 5.3, batch_size=64, margin_s=5.0)  # 0.3 s to spend
+    te.clean("m", net)
+    monkeypatch.setattr(te, "predict", lambda *a, **k: 0.0)  # every chunk is predicted to fit
+    stalls = Stalls()
+    assert te.row("m", net, "slow", stalls) is None
+    assert stalls.calls == 1 and stalls.finished_stalls == 0
+    assert te.skipped == ["m/slow (cut at the time budget)"] and te.reports["m"].rows == []
+
+    later = Stalls(stall_at=2)  # its first 16-image chunk returns at once, the second stalls
+    row = te.row("m", net, "chunked", later, n=48, chunk=16)
+    assert later.calls == 2 and later.finished_stalls == 0
+    assert row is not None and row.n == 16 and row.clean == pytest.approx(16 / 16)  # the first 16 are correct
+    assert row.robust == pytest.approx(1.0)  # Stalls returns x: the clean images
+    assert te.skipped[-1] == "m/chunked (cut at the time budget after 16 of 48 images)"
+    forced = Stalls(stall_at=99)  # a required row is never cut (it would stall here for a minute: it does not)
+    assert te.row("m", net, "forced", forced, required=True).n == 64
+    assert te.row("m", net, "ok", Counted(_pgd())).n == 64  # no alarm left over from the cuts
+
+
+def test_the_reference_autoattack_is_cut_inside_its_own_loops(net_and_data, monkeypatch):
+    """pyautoattack runs minutes on the CPU here: the cut reaches into its loops (nothing there swallows it)."""
+    pytest.importorskip("pyautoattack")
+    from multiteach.evaluation import AutoAttack
+
+    net, x, y = net_and_data
+    te = TimedEvaluation(x, y, left=lambda: 6.0, batch_size=64, margin_s=5.0)  # one second to spend
+    te.clean("m", net)
+    monkeypatch.setattr(te, "predict", lambda *a, **k: 0.0)
+    assert te.row("m", net, "autoattack", AutoAttack(), n=24) is None
+    assert te.skipped == ["m/autoattack (cut at the time budget)"]
 
 
 def test_a_failing_optional_row_is_skipped_with_its_error_and_a_required_one_raises(net_and_data):

@@ -59,7 +59,11 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
     assert rows["autoattack"]["n"] == 4 and rows["pgd_sat"]["n"] == 100
     for r in rows.values():
         assert 0 <= r["robust"] <= r["clean"] <= 1  # on the same images, an attack never helps
-    teacher = next(v for k, v in result["models"].items() if k.startswith("adv teacher"))
+    student_key, nat_key, teacher_key = result["models"]  # each labelled with the weights it was selected as
+    assert re.fullmatch(r"mtard student \(cifar_resnet8, (raw|ema) weights, epoch \d+\)", student_key)
+    assert re.fullmatch(r"nat teacher \(cifar_resnet8, (raw|ema) weights, epoch \d+\)", nat_key)
+    assert re.fullmatch(r"adv teacher \(cifar_resnet8, SAT, (raw|ema) weights, epoch \d+\)", teacher_key)
+    teacher = result["models"][teacher_key]
     assert {r["attack"] for r in teacher["rows"]} >= {"pgd_sat", "fgsm", "pgd_trades", "cw_inf"}
     theirs = {r["attack"]: r for r in teacher["rows"]}  # the MTARD vs SAT comparison, on the same images
     assert set(result["w_robust_gap"]) == {"fgsm", "pgd_sat", "pgd_trades", "cw_inf", "autoattack"}
