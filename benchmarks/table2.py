@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.budget or args.share:
         p.error("--budget and --share plan one student (examples/mtard_cifar.py, benchmarks/reference.sh): train "
                 "each defense for set epochs here")
-    run = Pipeline(args)
     students = {spec: parse_spec(spec) for spec in args.presets + (ABLATIONS if args.ablations else [])}
+    run = Pipeline(args)
     needed = {r for preset, _ in students.values() for r in get_preset(preset).teachers} | {"adv"}  # the surrogate
     planned = {r: run.planned_teacher(r) for r in ("nat", "adv", "l2") if r in needed}
     for preset, (options, folder) in students.values():  # every student's folder checked before any stage trains

@@ -18,12 +18,17 @@ from tests.conftest import SHARED
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
-def load(name: str):
+def load(name: str, folder: Path = EXAMPLES):
+    """An example (or, with ``folder``, a benchmark) script as a module."""
     sys.path.insert(0, str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_benchmark(name: str):
+    return load(name, Path(__file__).parents[1] / "benchmarks")
 
 
 REFERENCE = Path(__file__).parents[1] / "benchmarks" / "reference.sh"
@@ -120,9 +125,7 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
 
     # benchmarks/table2.py on any subset of presets: without a budget, its own adversarial teacher (a budgeted
     # stage is named by its share of the budget), the budgeted ones left as they were
-    spec = importlib.util.spec_from_file_location("table2", Path(__file__).parents[1] / "benchmarks" / "table2.py")
-    table2 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table2)
+    table2 = load_benchmark("table2")
     results = table2.main([*common, "--run-dir", str(tmp_path / "t2"), "--epochs", "1", "--eval-n", "50",
                            "--presets", *TABLE2_PRESETS])
     assert list(results) == TABLE2_PRESETS
@@ -229,6 +232,22 @@ def test_every_lever_is_a_command_line_option_and_bad_values_end_before_any_trai
     assert not (tmp_path / "teachers").exists() and not (tmp_path / "runs").exists()  # nothing trained
 
 
+def test_table2_trains_a_lever_per_preset_spec_and_refuses_a_bad_one_before_any_training(cifar_slice, tmp_path,
+                                                                                          capsys):
+    table2 = load_benchmark("table2")
+    assert table2.parse_spec("mtard:beta=2,steps=7") == ("mtard", ({"beta": 2, "steps": 7}, "mtard-beta=2-steps=7"))
+    assert table2.parse_spec("baseline_mt") == ("baseline_mt", ({}, "baseline_mt"))
+    args = ["--tiny", "--data-dir", str(cifar_slice), "--run-dir", str(tmp_path / "t2"), "--quiet", "--presets"]
+    bad = {"mtard:bogus=1": "--presets mtard:bogus=1: bogus: not an option of preset 'mtard'",
+           "mtard:beta": "write KEY=VALUE", "nosuch": "unknown preset 'nosuch'"}
+    for spec, why in bad.items():
+        with pytest.raises(SystemExit) as stop:
+            run_command(lambda s=spec: table2.main([*args, "mtard", s]))
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and why in err and "Traceback" not in err, (spec, err)
+    assert not (tmp_path / "teachers").exists() and not (tmp_path / "t2").exists()  # nothing trained
+
+
 def test_a_budget_names_its_stages_and_the_students_folder_is_checked_before_any_training(cifar_slice, tmp_path,
                                                                                            capsys):
     """Under --budget a teacher's cache entry is named by its share of the budget: a smoke run's (75 s) is not
@@ -272,10 +291,7 @@ def test_a_budget_names_its_stages_and_the_students_folder_is_checked_before_any
 def test_attack_strength_benchmark_measures_each_training_attack(cifar_slice):
     """benchmarks/attack_strength.py end to end on a slice: a row per attack; 2/255 steps from a uniform start
     leave pixels short of the boundary that 4/255 steps reach (what made the speedrun take Madry's step)."""
-    spec = importlib.util.spec_from_file_location(
-        "attack_strength", Path(__file__).parents[1] / "benchmarks" / "attack_strength.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("attack_strength")
     results = bench.main(["--data-dir", str(cifar_slice), "--train-n", "256", "--epochs", "1", "--test-n", "64",
                           "--seeds", "1", "--device", "cpu"])
     assert list(results) == list(bench.ATTACKS)
