@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--budget and --share plan one student (examples/mtard_cifar.py, benchmarks/reference.sh): train "
                 "each defense for set epochs here")
     students = {spec: parse_spec(spec) for spec in args.presets + (ABLATIONS if args.ablations else [])}
+    given = len(args.presets) + args.ablations * len(ABLATIONS)
+    trained = {(preset, json.dumps(options, sort_keys=True, default=str)) for preset, (options, _) in students.values()}
+    if len(students) < given or len(trained) < given or len({f for _, (_, f) in students.values()}) < given:
+        p.error(f"--presets {' '.join(args.presets)}: a student given twice (the same preset and options)")
     run = Pipeline(args)
     needed = {r for preset, _ in students.values() for r in get_preset(preset).teachers} | {"adv"}  # the surrogate
     planned = {r: run.planned_teacher(r) for r in ("nat", "adv", "l2") if r in needed}
@@ -65,11 +69,14 @@ def main(argv: list[str] | None = None) -> dict:
     teachers = {r: run.teacher(r) for r in ("nat", "adv", "l2") if r in needed}
     results = {}
     if args.teacher_row and run.dist.is_main:
+        out = Path(args.run_dir) / "adv_teacher"  # not into the teacher cache, which other commands share
+        out.mkdir(parents=True, exist_ok=True)
+        # no transfer rows: the teacher is their surrogate (Square, with --black-box, still runs)
         results[f"adv teacher ({run.origins['adv']})"] = run.table(
-            "adv", Path(teachers["adv"][1]), surrogate=teachers["adv"], model=teachers["adv"][0], role="teacher")
+            "adv", Path(teachers["adv"][1]), model=teachers["adv"][0], role="teacher", out=out)
     for spec, (preset, (options, folder)) in students.items():
         best = run.student(preset, {r: teacher_for(r, teachers, run) for r in get_preset(preset).teachers},
-                           options, folder)
+                           options, folder, label=spec)
         if run.dist.is_main:
             results[spec] = run.table(spec, best, surrogate=teachers["adv"])
     if not run.dist.is_main:

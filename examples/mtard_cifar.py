@@ -114,9 +114,9 @@ SPEEDRUN = {
                "exit_margin_s": 8},
     "eval_tf32": True,
 }
-# CPU: the speedrun's recipe scaled to a 2-core CPU (ResNet-8, 10,000 training images, 15 / 10 / 10 epochs; about
-# an hour per student with its table): for comparing levers where no GPU is at hand. Its figures rank options; the
-# levels are a small net's, far below the speedrun's.
+# CPU: the speedrun's recipe scaled to a 2-core CPU (ResNet-8, 10,000 training images, 15 / 10 / 10 epochs; on 2
+# cores ~13 minutes for the teachers, ~12 per student with its table): for comparing levers where no GPU is at
+# hand. Its figures rank options; the levels are a small net's, far below the speedrun's.
 CPU = {
     "nat": dict(model="cifar_resnet8", preset="natural", epochs=15, options={}),
     "adv": dict(model="cifar_resnet8", preset="sat", epochs=10,
@@ -161,7 +161,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adv-epochs", type=int, help="adversarial teacher epochs")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run on a small slice, tiny models (= --plan tiny)")
     p.add_argument("--plan", choices=sorted(PLANS), help="full (default: ResNet-18 teachers, 20/30/40 epochs), "
-                   "paper (the paper's protocol: hours), speedrun (for --budget) or tiny")
+                   "paper (the paper's protocol: hours), speedrun (for --budget), cpu (levers on a CPU) or tiny")
     p.add_argument("--budget", type=float, help="wall-clock seconds for the whole run, table included")
     p.add_argument("--share", action="append", default=[], metavar="ROLE=WEIGHT",
                    help="a stage's weight in the budget's split, over the plan's (roles nat, adv, student; "
@@ -358,17 +358,19 @@ class Pipeline:
                                           compile=a.compile))
 
     def student(self, preset: str, teachers: dict[str, tuple[str, str]], options: dict | None = None,
-                name: str | None = None) -> Path:
+                name: str | None = None, label: str | None = None) -> Path:
+        """Train the student (``label`` names its time in the timings, default the preset's name)."""
         t0 = time.perf_counter()
         cfg = self.student_config(preset, teachers, options, name)
         best = train_stage(cfg, self.splits, console=console, dist=self.dist)
-        self._finish("student", f"{preset}_s", t0)
+        self._finish("student", f"{label or preset}_s", t0)
         return best
 
     def table(self, preset: str, best: Path, surrogate: tuple[str, str] | None = None,
-              extra: dict | None = None, model: str | None = None, role: str = "student") -> dict:
-        """The robustness table of a student (rank 0 only), saved as eval.json beside its checkpoint; ``model``
-        and ``role``: another network's (a teacher's), by its timm name."""
+              extra: dict | None = None, model: str | None = None, role: str = "student",
+              out: Path | None = None) -> dict:
+        """The robustness table of a student (rank 0 only), saved as eval.json beside its checkpoint (or in
+        ``out``); ``model`` and ``role``: another network's (a teacher's), by its timm name."""
         a = self.args
         device = self.dist.device(a.device)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -385,7 +387,7 @@ class Pipeline:
         self.timings[f"{preset}_eval_s"] = time.perf_counter() - t0
         report.meta.update(timings=self.timings, data=a.data_dir or "torchvision", preset=preset)
         console.print(report.table(f"{preset} {role} ({model})"))
-        report.save_json(best.parent / "eval.json")
+        report.save_json((out or best.parent) / "eval.json")
         return report.to_dict()
 
 
@@ -406,7 +408,7 @@ class Pipeline:
         def selected(checkpoint: str | Path) -> str:
             """Which weights a checkpoint of this library holds (', ema weights, epoch 40'); '' for another's."""
             picked = load_checkpoint(checkpoint)
-            if not isinstance(picked, dict) or "epoch" not in picked:
+            if not isinstance(picked, dict) or not {"epoch", "weights"} <= picked.keys():  # another library's file
                 return ""
             return f", {picked.get('weights', 'raw')} weights, epoch {picked['epoch']}"
 

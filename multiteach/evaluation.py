@@ -405,15 +405,17 @@ class TimedEvaluation:
             hi = min(lo + fits[0], n)
             t1 = time.perf_counter()
             try:  # a latency-bound attack pays its fixed part per call: the whole chunk in one
-                with deadline(None if required else self.left() - self.margin_s):  # a prediction that ran short
+                # the modes, precision and grad mode entered outside the deadline: restored whatever a cut left
+                with module_mode(model, "eval"), tf32_mode(tf32), torch.set_grad_enabled(torch.is_grad_enabled()), \
+                        deadline(None if required else self.left() - self.margin_s):  # a prediction that ran short
                     chunk_mask = correct_mask(model, self.x[lo:hi], self.y[lo:hi], attack,
                                               hi - lo if latency_bound else self.batch_size, self.device, tf32)
                     # a row in another precision than the table: its clean half in that one too
                     chunk_clean = None if tf32 == self.tf32 else correct_mask(
                         model, self.x[lo:hi], self.y[lo:hi], None, self.batch_size, self.device, tf32)
             except DeadlinePassed:  # the chunk is dropped, the chunks before it stand
-                self.skipped.append(f"{model_name}/{name} (cut at the time budget"
-                                    + (f" after {lo} of {n} images)" if lo else ")"))
+                self.skipped.append(f"{model_name}/{name}" + (f": images {lo}-{n}" if lo else "")
+                                    + " (cut at the time budget)")
                 if lo == 0:
                     return None
                 break

@@ -72,8 +72,10 @@ class DeadlinePassed(BaseException):
 def deadline(seconds: float | None) -> Iterator[None]:
     """Raise :class:`DeadlinePassed` inside this block once ``seconds`` of wall time have passed: one call that
     the caller cannot split (an AutoAttack run) still ends within a time budget. ``None`` or infinite seconds, no
-    SIGALRM (Windows) or not the main thread: the block runs uncut. Not nested: an inner deadline replaces an
-    outer one. The exception comes between Python bytecodes, so a long kernel finishes first."""
+    SIGALRM (Windows) or not the main thread: the block runs uncut. Not nested: an inner deadline ends an outer
+    one's timer. The exception comes between Python bytecodes (a long kernel finishes first), wherever the block
+    then is: a context entered inside it may be left half-restored, so keep the state that matters in contexts
+    entered before the deadline (as ``TimedEvaluation.row`` does). One alarm: code that swallows it runs on."""
     if seconds is None or not math.isfinite(seconds) or not hasattr(signal, "setitimer"):
         yield
         return
@@ -92,9 +94,14 @@ def deadline(seconds: float | None) -> Iterator[None]:
         signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
         yield
     finally:
-        armed[0] = False  # an alarm between here and the disarm raises nothing
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        while True:  # an alarm landing in this cleanup, before the flag is down, interrupts it: start it again
+            try:
+                armed[0] = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+                break
+            except DeadlinePassed:
+                continue
 
 
 __all__ = ["DeadlinePassed", "StopFlag", "deadline", "sigterm_interrupts", "stop_on_signals"]

@@ -359,16 +359,16 @@ def test_a_chunked_row_stops_when_time_runs_out_and_reports_the_images_covered(n
 
 
 class Stalls:
-    """An attack whose calls from ``stall_at`` on never finish on their own (sleeps, up to a minute, then records
-    that it was not stopped): what a row predicted to fit but running far longer looks like."""
+    """An attack whose calls from ``stall_at`` on run ``seconds`` (a minute: what a row predicted to fit but
+    running far longer looks like), then record that they were not stopped; it leaves every image as it is."""
 
-    def __init__(self, stall_at=1):
-        self.calls, self.stall_at, self.finished_stalls = 0, stall_at, 0
+    def __init__(self, stall_at=1, seconds=60.0):
+        self.calls, self.stall_at, self.seconds, self.finished_stalls = 0, stall_at, seconds, 0
 
     def __call__(self, model, x, y):
         self.calls += 1
         if self.calls >= self.stall_at:
-            for _ in range(6000):
+            for _ in range(int(self.seconds / 0.01)):
                 time.sleep(0.01)
             self.finished_stalls += 1
         return x
@@ -396,22 +396,25 @@ def test_a_row_running_past_the_time_left_is_cut_and_the_table_goes_on(net_and_d
     """A prediction too low (AutoAttack's, on a GPU it never ran on) must not carry the table past its budget:
     the call is cut when the time left runs out; a chunked row keeps the chunks it finished."""
     net, x, y = net_and_data
-    te = TimedEvaluation(x, y, left=lambda: 5.3, batch_size=64, margin_s=5.0)  # 0.3 s to spend
+    te = TimedEvaluation(x, y, left=lambda: 7.0, batch_size=64, margin_s=5.0)  # 2 s to spend
     te.clean("m", net)
     monkeypatch.setattr(te, "predict", lambda *a, **k: 0.0)  # every chunk is predicted to fit
+    net = copy.deepcopy(net).train()  # a model left in train mode: evaluated in eval mode, given back as it was
     stalls = Stalls()
     assert te.row("m", net, "slow", stalls) is None
     assert stalls.calls == 1 and stalls.finished_stalls == 0
     assert te.skipped == ["m/slow (cut at the time budget)"] and te.reports["m"].rows == []
+    assert net.training and all(m.training for m in net.modules())  # its modes as they were
+    assert torch.is_grad_enabled()
 
     later = Stalls(stall_at=2)  # its first 16-image chunk returns at once, the second stalls
     row = te.row("m", net, "chunked", later, n=48, chunk=16)
     assert later.calls == 2 and later.finished_stalls == 0
     assert row is not None and row.n == 16 and row.clean == pytest.approx(16 / 16)  # the first 16 are correct
     assert row.robust == pytest.approx(1.0)  # Stalls returns x: the clean images
-    assert te.skipped[-1] == "m/chunked (cut at the time budget after 16 of 48 images)"
-    forced = Stalls(stall_at=99)  # a required row is never cut (it would stall here for a minute: it does not)
-    assert te.row("m", net, "forced", forced, required=True).n == 64
+    assert te.skipped[-1] == "m/chunked: images 16-48 (cut at the time budget)"
+    forced = Stalls(seconds=2.5)  # a required row runs past the time left: never cut
+    assert te.row("m", net, "forced", forced, required=True).n == 64 and forced.finished_stalls == 1
     assert te.row("m", net, "ok", Counted(_pgd())).n == 64  # no alarm left over from the cuts
 
 
@@ -421,7 +424,7 @@ def test_the_reference_autoattack_is_cut_inside_its_own_loops(net_and_data, monk
     from multiteach.evaluation import AutoAttack
 
     net, x, y = net_and_data
-    te = TimedEvaluation(x, y, left=lambda: 6.0, batch_size=64, margin_s=5.0)  # one second to spend
+    te = TimedEvaluation(x, y, left=lambda: 7.0, batch_size=64, margin_s=5.0)  # 2 s to spend (AA: ~1.5 min)
     te.clean("m", net)
     monkeypatch.setattr(te, "predict", lambda *a, **k: 0.0)
     assert te.row("m", net, "autoattack", AutoAttack(), n=24) is None

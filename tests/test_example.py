@@ -32,7 +32,7 @@ def load_benchmark(name: str):
 
 
 REFERENCE = Path(__file__).parents[1] / "benchmarks" / "reference.sh"
-TABLE2_PRESETS = ["rslad"]  # a preset distilling from the cached adversarial teacher
+TABLE2_PRESETS = ["rslad", "rslad:steps=2"]  # a preset distilling from the cached adversarial teacher, and a lever
 
 
 def run_reference(out: Path, run_dir: Path, data: Path, budget: int, *extra: str) -> subprocess.CompletedProcess:
@@ -47,10 +47,12 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
     """benchmarks/reference.sh (tiny plan, ample budget) on a slice of CIFAR-10: teachers, student, the table
     with the teacher's rows and AutoAttack, at most 8 files out; the same command stopped by SIGTERM in its
     evaluation keeps the rows before it (exit 3); then the N = 3 example under the same budget, which must reuse
-    the two cached teachers and train only the third; table2.py (no budget) trains its own teacher."""
+    the two cached teachers and train only the third; table2.py (no budget) trains its own teacher. The budget
+    (ten hours, for minutes of work) leaves every row room on a loaded machine too, where AutoAttack's predicted
+    cost, bound by single-image latency (13,800 sequential passes), runs to an hour."""
     out, run_dir = tmp_path / "out", tmp_path / "ref"
     short = ["--nat-epochs", "2", "--adv-epochs", "1"]
-    proc = run_reference(out, run_dir, cifar_slice, 600, "--eval-n", "100", "--slow-n", "4", "--epochs", "2",
+    proc = run_reference(out, run_dir, cifar_slice, 36000, "--eval-n", "100", "--slow-n", "4", "--epochs", "2",
                          "--eval-tf32", *short)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Test set, n = 100 (fp32, TF32 allowed" in proc.stdout.split("stage times {")[-1]  # the table, last
@@ -95,7 +97,7 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
     monkeypatch.setattr(TimedEvaluation, "row", row_then_sigterm)
     [student] = (run_dir / "run").iterdir()  # the wrapper's: named by its configuration
     assert re.fullmatch(r"mtard-[0-9a-f]{8}", student.name)
-    argv = ["--plan", "tiny", "--budget", "600", "--data-dir", str(cifar_slice), "--run-dir", str(run_dir / "run"),
+    argv = ["--plan", "tiny", "--budget", "36000", "--data-dir", str(cifar_slice), "--run-dir", str(run_dir / "run"),
             "--teacher-cache", str(run_dir / "teachers"), "--folder-by-config", "--quiet", "--eval-n", "100",
             "--epochs", "2", *short]  # other evaluation flags: the same student
     with pytest.raises(SystemExit) as stop:
@@ -112,7 +114,7 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
     assert [e.name.split("-")[0] for e in entries] == ["natural", "sat"]
     stamps = {e: (e / "done.json").stat().st_mtime_ns for e in entries}
     common = ["--tiny", "--data-dir", str(cifar_slice), "--teacher-cache", str(cache), "--quiet", *short]
-    report3 = load("three_teachers").main([*common, "--budget", "600", "--run-dir", str(tmp_path / "three"),
+    report3 = load("three_teachers").main([*common, "--budget", "36000", "--run-dir", str(tmp_path / "three"),
                                            "--epochs", "1", "--eval-n", "100"])
     assert {e: (e / "done.json").stat().st_mtime_ns for e in entries} == stamps  # reused, not retrained
     assert len(list(cache.iterdir())) == 3  # + the L2 teacher
@@ -127,10 +129,19 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
     # stage is named by its share of the budget), the budgeted ones left as they were
     table2 = load_benchmark("table2")
     results = table2.main([*common, "--run-dir", str(tmp_path / "t2"), "--epochs", "1", "--eval-n", "50",
-                           "--presets", *TABLE2_PRESETS])
+                           "--teacher-row", "--presets", *TABLE2_PRESETS])
+    teacher_row = results.pop("adv teacher (SAT)")  # first; its eval.json in the run folder, not the shared cache
+    assert json.loads((tmp_path / "t2" / "adv_teacher" / "eval.json").read_text())["rows"] == teacher_row["rows"]
+    assert not any(tmp_path.glob("**/teachers/*/eval.json"))
     assert list(results) == TABLE2_PRESETS
     assert all(r["n"] == 50 and {x["attack"] for x in r["rows"]} >= {"fgsm", "pgd_sat"} for r in results.values())
-    assert json.loads((tmp_path / "t2" / "table2.json").read_text())["results"].keys() == set(TABLE2_PRESETS)
+    table2_json = json.loads((tmp_path / "t2" / "table2.json").read_text())
+    assert table2_json["results"].keys() == {"adv teacher (SAT)", *TABLE2_PRESETS}
+    assert {f"{spec}_s" for spec in TABLE2_PRESETS} <= table2_json["timings"].keys()  # each student its own time
+    assert sorted(p.name for p in (tmp_path / "t2").iterdir()) == ["adv_teacher", "rslad", "rslad-steps=2",
+                                                                   "table2.json"]
+    lever = json.loads((tmp_path / "t2" / "rslad-steps=2" / "run.json").read_text())["experiment"]["config"]
+    assert lever["options"]["steps"] == 2
     assert {e: (e / "done.json").stat().st_mtime_ns for e in entries} == stamps
     assert len(list(cache.iterdir())) == 4  # + table2's unbudgeted SAT teacher
 
@@ -239,12 +250,16 @@ def test_table2_trains_a_lever_per_preset_spec_and_refuses_a_bad_one_before_any_
     assert table2.parse_spec("baseline_mt") == ("baseline_mt", ({}, "baseline_mt"))
     args = ["--tiny", "--data-dir", str(cifar_slice), "--run-dir", str(tmp_path / "t2"), "--quiet", "--presets"]
     bad = {"mtard:bogus=1": "--presets mtard:bogus=1: bogus: not an option of preset 'mtard'",
-           "mtard:beta": "write KEY=VALUE", "nosuch": "unknown preset 'nosuch'"}
+           "mtard:beta": "write KEY=VALUE", "nosuch": "unknown preset 'nosuch'", "mtard:": "given twice"}
     for spec, why in bad.items():
         with pytest.raises(SystemExit) as stop:
             run_command(lambda s=spec: table2.main([*args, "mtard", s]))
         err = capsys.readouterr().err
         assert stop.value.code == 2 and why in err and "Traceback" not in err, (spec, err)
+    for twice in (["mtard", "mtard"], ["mtard:beta=2,steps=7", "mtard:steps=7,beta=2"]):
+        with pytest.raises(SystemExit) as stop:
+            table2.main([*args, *twice])
+        assert stop.value.code == 2 and "given twice" in capsys.readouterr().err
     assert not (tmp_path / "teachers").exists() and not (tmp_path / "t2").exists()  # nothing trained
 
 
