@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--budget and --share plan one student (examples/mtard_cifar.py, benchmarks/reference.sh): train "
                 "each defense for set epochs here")
     students = {spec: parse_spec(spec) for spec in args.presets + (ABLATIONS if args.ablations else [])}
-    given = len(args.presets) + args.ablations * len(ABLATIONS)
+    given = len(args.presets) + args.ablations * len(ABLATIONS)  # a spec repeated is one key of `students`
     trained = {(preset, json.dumps(options, sort_keys=True, default=str)) for preset, (options, _) in students.values()}
-    if len(students) < given or len(trained) < given or len({f for _, (_, f) in students.values()}) < given:
+    if len(trained) < given or len({folder for _, (_, folder) in students.values()}) < given:
         p.error(f"--presets {' '.join(args.presets)}: a student given twice (the same preset and options)")
     run = Pipeline(args)
     needed = {r for preset, _ in students.values() for r in get_preset(preset).teachers} | {"adv"}  # the surrogate

@@ -410,7 +410,7 @@ class Pipeline:
             picked = load_checkpoint(checkpoint)
             if not isinstance(picked, dict) or not {"epoch", "weights"} <= picked.keys():  # another library's file
                 return ""
-            return f", {picked.get('weights', 'raw')} weights, epoch {picked['epoch']}"
+            return f", {picked['weights']} weights, epoch {picked['epoch']}"
 
         label = f"{preset} student ({student_name}{selected(best)})"
         models = {label: load_model(student_name, best, self.splits.num_classes).to(device)}
