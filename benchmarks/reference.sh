@@ -4,6 +4,10 @@
 #   bash benchmarks/reference.sh OUT_DIR                       # teachers, MTARD student, the test-set table
 #   bash benchmarks/reference.sh OUT2 --preset baseline_mt --epochs N   # extra args go to the example: here an
 #                    # ablation student of the MTARD student's N epochs, from the teachers the first command cached
+#   bash benchmarks/reference.sh OUT3 --epochs N --no-autoattack --option beta=2   # a lever, ~4.5 min on an H200
+#
+# A later command reuses the cached teachers only under the same BUDGET: they are named by their nominal share
+# of it, so another BUDGET trains new ones (H200 run 3 in benchmarks/RESULTS.md). Keep BUDGET and pass --epochs.
 #
 # It installs the carried wheels if pydantic is missing (.gpu/wheels, see ../shared/GPU.md), decodes CIFAR-10
 # into $DATA_DIR (default /tmp/cifar10) unless train.npz is there, runs examples/mtard_cifar.py --plan speedrun
@@ -13,7 +17,7 @@
 # by recipe, seed and budget share; the student trains in a folder of RUN_DIR/run named by its configuration
 # (--folder-by-config), so a command that trains the same student resumes it (or, finished, evaluates it again)
 # and another (a lever, another budget) trains its own.
-# Setup time counts against the budget. Environment: BUDGET, DATA_DIR, PLAN (speedrun), RUN_DIR.
+# Setup time counts against the budget. Environment: BUDGET, DATA_DIR, GRACE (60), PLAN (speedrun), RUN_DIR.
 set -euo pipefail
 OUT=${1:?usage: bash benchmarks/reference.sh OUT_DIR [extra arguments for examples/mtard_cifar.py]}
 shift
@@ -44,9 +48,9 @@ left=$(python3 -c "import sys, time; print(f'{float(sys.argv[1]) - (time.time() 
        "${BUDGET:-540}" "$start")
 echo "reference run: ${left} s of ${BUDGET:-540} s left after setup"
 set +e
-# SIGTERM 60 s past the budget: a stage checkpoints, the evaluation keeps its finished rows in eval.json, the
-# example ends in one line (timeout then exits 124); the same command resumes
-timeout --signal=TERM "$(python3 -c "print(int(float('$left')) + 60)")" \
+# SIGTERM GRACE (60) s past the budget: a stage checkpoints, the evaluation keeps its finished rows in eval.json,
+# the example ends in one line (timeout then exits 124); the same command resumes
+timeout --signal=TERM "$(python3 -c "print(int(float('$left')) + ${GRACE:-60})")" \
   python3 examples/mtard_cifar.py --plan "${PLAN:-speedrun}" --budget "${BUDGET:-540}" --started-at "$start" \
     --data-dir "$DATA_DIR" \
     --run-dir "$RUN_DIR/run" --teacher-cache "$RUN_DIR/teachers" --folder-by-config --autoattack --quiet "$@" 2>&1 \

@@ -166,6 +166,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--share", action="append", default=[], metavar="ROLE=WEIGHT",
                    help="a stage's weight in the budget's split, over the plan's (roles nat, adv, student; "
                         "speedrun: 0.10, 0.36, 0.54), e.g. adv=0.45; repeatable")
+    p.add_argument("--student-seconds", type=float, metavar="SECONDS",
+                   help="the student stage's seconds at most, epochs planned from its measured rate (with --budget: "
+                        "under its share): a lever with another step cost compared at the reference student's time")
     p.add_argument("--started-at", type=float,
                    help="Unix time the budget counts from (default: now; benchmarks/reference.sh passes its start)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
@@ -174,7 +177,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the student stage (about a minute of compilation, ~1.3x faster steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, help="evaluate on the first n test images (default: all)")
-    p.add_argument("--autoattack", action="store_true", help="add standard AutoAttack to the table")
+    p.add_argument("--autoattack", action=argparse.BooleanOptionalAction, default=False,
+                   help="add standard AutoAttack to the table (--no-autoattack after it: a lever's call on "
+                        "benchmarks/reference.sh, which passes --autoattack, spends no time on it)")
     p.add_argument("--eval-tf32", action=argparse.BooleanOptionalAction, default=None,
                    help="the reference table with TF32 allowed (and one strict-fp32 check row); default: the "
                         "plan's (speedrun: on)")
@@ -230,6 +235,8 @@ class Pipeline:
         self.args, self.dist = args, dist or DistContext.from_env()
         self.plan = PLANS[args.plan or ("tiny" if args.tiny else "full")]
         self.budget: TimeBudget | None = None
+        if getattr(args, "student_seconds", None) is not None and not args.student_seconds > 0:
+            raise ValueError(f"--student-seconds must be > 0 seconds, got {args.student_seconds}")
         if getattr(args, "share", []) and not args.budget:
             raise ValueError("--share splits a time budget: give --budget SECONDS too")
         if args.budget:
@@ -266,6 +273,11 @@ class Pipeline:
             train["stage_budget_s"] = round(self.budget.nominal(role), 1)
             if allot:
                 train["time_budget_s"] = self.budget.allot(role)
+        cap = getattr(a, "student_seconds", None)
+        if role == "student" and cap:  # a lever timed like the reference's student (its folder named by the cap)
+            train["stage_budget_s"] = min(train.get("stage_budget_s", cap), cap)
+            if allot:
+                train["time_budget_s"] = min(train.get("time_budget_s", cap), cap)
         return dict(train, precision=a.precision, device=a.device, seed=a.seed, progress=not a.quiet)
 
     def _finish(self, role: str, key: str, t0: float) -> None:

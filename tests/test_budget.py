@@ -381,25 +381,59 @@ def test_a_budget_larger_than_max_epochs_trains_max_epochs(tmp_path):
     _assert_lrs(tmp_path, {1: 4}, 32)
 
 
-def test_a_run_that_slows_down_ends_earlier_than_planned(tmp_path):
+def test_a_stall_cuts_only_the_epochs_it_took(tmp_path):
     # 1 s/step, budget 100 s: the plan at step 32 is floor(4 + (100 * 0.92 - 32) / 8) = 11 epochs, kept at the
     # ends of epochs 4 and 5 (e + floor((100 - 8 e) / 8) = 12).
-    # Then the clock jumps 30 s after step 40 (a stall): at the end of epoch 6 (step 48, t = 78) an epoch
-    # takes (78 - 8) / (48 - 8) * 8 = 14 s, 22 s are left: 6 + floor(22 / 14) = 7 epochs. Epoch 7 ends the run.
+    # Then the clock jumps 30 s after step 40 (a one-off stall): at the end of epoch 6 (step 48, t = 78) the
+    # median of the last three epochs is still 8 s (8, 8, 38), 22 s are left: 6 + floor(22 / 8) = 8 epochs, and
+    # epoch 8 ends at t = 94, inside the budget. (The average since the warm-up, (78 - 8) / 40 * 8 = 14 s an
+    # epoch, would have planned 7 and left 14 s unused.)
     assert math.floor(4 + (100 * 0.92 - 32) / SPE) == 11
-    assert 6 + math.floor((100 - 78) / ((78 - 8) / (48 - 8) * SPE)) == 7
+    assert 6 + math.floor((100 - 78) / SPE) == 8
     trainer = _trainer(tmp_path, 100, extra=lambda step: 30.0 if step > 40 else 0.0)
     res = trainer.fit()
     assert res.status == "finished"
-    assert res.epoch == 7 and res.global_step == 7 * SPE and trainer.cfg.epochs == 7
-    assert trainer.planner.epochs == 7  # the plan made at step 32 (11), shortened afterwards
+    assert res.epoch == 8 and res.global_step == 8 * SPE and trainer.cfg.epochs == 8
+    assert trainer.planner.epochs == 8  # the plan made at step 32 (11), shortened afterwards
     rows = _records(tmp_path)
     epochs = [r for r in rows if r["type"] == "epoch"]
-    assert [r["epoch"] for r in epochs] == list(range(1, 8))
-    assert [r["epoch"] for r in epochs if "val_clean" in r] == [7]  # the shortened last epoch is validated
+    assert [r["epoch"] for r in epochs] == list(range(1, 9))
+    assert [r["epoch"] for r in epochs if "val_clean" in r] == [8]  # the shortened last epoch is validated
     assert (tmp_path / "best.pt").is_file()
-    _assert_lrs(tmp_path, {1: 20, 33: 11, 49: 7}, 56)  # re-annealed to the shorter plan
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["planned_epochs"] == 7
+    _assert_lrs(tmp_path, {1: 20, 33: 11, 49: 8}, 64)  # re-annealed to the shorter plan
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["planned_epochs"] == 8
+
+
+def test_a_lasting_slow_down_is_followed(tmp_path):
+    # 1 s/step up to step 40, then 3 s/step. Epoch 6 ends at t = 64 (spans 8, 8, 24: median 8, 36 s left):
+    # 6 + 4 = 10 epochs. Epoch 7 ends at t = 88 (spans 8, 24, 24: median 24, 12 s left, half an epoch): one more,
+    # 8. The median follows the new rate two epochs after it starts.
+    trainer = _trainer(tmp_path, 100, val=False, extra=lambda step: 2.0 * max(step - 40, 0))
+    res = trainer.fit()
+    assert res.status == "finished" and res.epoch == 8 and trainer.planner.epochs == 8
+    _assert_lrs(tmp_path, {1: 20, 33: 11, 49: 10, 57: 8}, 64)
+
+
+def test_a_first_validation_slower_than_the_rest_costs_only_its_own_time():
+    # H200 run 2's natural teacher: 23 epochs planned, the first validation (epoch 4, with its one-off
+    # autotuning) made the average since the warm-up look 40% slower and cut the plan to 18 epochs, of which
+    # 28.8 s of 35.3 were spent. Here 17 epochs of 5 s are planned in 100 s, and the first validation takes 20 s.
+    clk = FakeClock()
+    p = _planned(clk)  # 2 epochs done at t = 12.5
+    assert p.on_epoch_end(2, 17) == 17
+    clk.t += 5.0
+    assert p.on_epoch_end(3, 17) == 17
+    clk.t += 5.0 + 20.0
+    # spans 5, 25: the lower median, 5 s; 57.5 s left: 4 + 11 = 15 (the 20 s spent are 4 epochs' worth)
+    assert p.on_epoch_end(4, 17) == 15
+    clk.t += 5.0
+    # spans 5, 25, 5: 5 s; 52.5 s left: 5 + 10 = 15 kept. The average since the warm-up, (47.5 - 4.5) / 46 * 10
+    # = 9.3 s an epoch, would cut to 5 + 5 = 10.
+    assert p.on_epoch_end(5, 17) == 15
+    for e in range(6, 16):
+        clk.t += 5.0
+        assert p.on_epoch_end(e, 15) == 15
+    assert clk.t == 97.5  # the 15 planned epochs end inside the 100 s
 
 
 def test_the_time_up_at_the_end_of_an_epoch_stops_the_run(tmp_path):
