@@ -172,7 +172,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "speedrun: 0.085, 0.325, 0.59), e.g. adv=0.45; repeatable")
     p.add_argument("--student-seconds", type=float, metavar="SECONDS",
                    help="the student stage's seconds at most, epochs planned from its measured rate (with --budget: "
-                        "under its share): a lever with another step cost compared at the reference student's time")
+                        "or the time left before the evaluation's reserve, if less): a lever with another step cost "
+                        "compared at the reference student's time (its allotted seconds)")
     p.add_argument("--started-at", type=float,
                    help="Unix time the budget counts from (default: now; benchmarks/reference.sh passes its start)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
@@ -279,7 +280,7 @@ class Pipeline:
                 train["time_budget_s"] = self.budget.allot(role)
         cap = getattr(a, "student_seconds", None)
         if role == "student" and cap:  # a lever timed like the reference's student (its folder named by the cap)
-            train["stage_budget_s"] = min(train.get("stage_budget_s", cap), cap)
+            train["stage_budget_s"] = cap
             if allot:
                 train["time_budget_s"] = min(train.get("time_budget_s", cap), cap)
         return dict(train, precision=a.precision, device=a.device, seed=a.seed, progress=not a.quiet)

@@ -7,8 +7,9 @@ Two pieces, both driven by an injectable clock (tests use a fake one):
   ones after it instead of pushing the run past its deadline.
 * :class:`EpochPlanner` turns one stage's seconds into an epoch count from the throughput measured in the
   stage's first steps (after the warm-up steps that autotune and capture graphs), and shortens the plan at an
-  epoch end if the stage runs behind: by the median of its last epochs' wall times, so a one-off cost (the first
-  validation's warm-up, a stall) does not cut epochs the time still holds, and a lasting slow-down does. The LR
+  epoch end if the stage runs behind: by the median of its last epochs' wall times and the recurring cost of its
+  validations, so a one-off cost (the first validation's warm-up, a stall) does not cut epochs the time still
+  holds, and a lasting slow-down does. The LR
   schedule follows the planned epochs, so a budgeted run anneals to its end instead of being cut off at a high
   learning rate.
 """
@@ -93,8 +94,9 @@ class EpochPlanner:
     Call ``begin`` when the stage starts and ``on_step`` after every optimizer step (``sync`` waits for the
     device at the two timing points only); ``on_step`` returns the planned epoch count once the rate is
     known. ``on_epoch_end`` re-plans from the median wall time of the last ``window`` epochs (epoch end to
-    epoch end, validation included; the first epoch, which holds the warm-up, never counts), or from the
-    rate since the warm-up until an epoch after the first has ended, and only ever shortens the plan. A
+    epoch end; the first epoch, which holds the warm-up, never counts) plus the recurring cost beyond it (the
+    validations every few epochs, averaged over the epochs, the largest excess left out as one-off), or from
+    the rate since the warm-up until an epoch after the first has ended, and only ever shortens the plan. A
     one-off cost left in the average (the first validation's autotuning: 5 of the natural teacher's 23 epochs
     and 6 of the SAT teacher's 35 in H200 run 2) no longer cuts epochs the time still holds. ``fraction`` of the
     seconds is planned for, the rest is headroom.
@@ -170,11 +172,14 @@ class EpochPlanner:
         return self.epochs
 
     def _epoch_s(self, now: float) -> float | None:
-        """Seconds per epoch: the (lower) median of the last ``window`` whole epochs after the first, else the
-        average rate since the warm-up (``None`` before it is measured)."""
+        """Seconds per epoch: the (lower) median of the last ``window`` whole epochs after the first, plus what
+        the epochs took beyond it (validations every few epochs) spread over all of them, the largest excess
+        left out as one-off; else the average rate since the warm-up (``None`` before it is measured)."""
         spans = [self._ends[e] - self._ends[e - 1] for e in sorted(self._ends) if e - 1 in self._ends]
         if spans:
-            return max(statistics.median_low(spans[-self.window:]), 1e-9)
+            base = statistics.median_low(spans[-self.window:])
+            recurring = sorted(max(s - base, 0.0) for s in spans)[:-1]
+            return max(base + sum(recurring) / len(spans), 1e-9)
         timed = self._steps - max(self.skip, 0)
         if self._t_skip is None or timed <= 0:
             return None
