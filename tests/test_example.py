@@ -202,6 +202,8 @@ def test_the_adversarial_teacher_can_come_from_another_preset(cifar_slice, tmp_p
         [*args, "--adv-option", "label_smoothing=0.1", "--adv-option", "steps=7"])).teacher_config("adv")
     # steps given without a step size: the preset's own (PGD-7 of 2/255), not the plan's 4/255 for five steps
     assert smooth.preset == "sat" and smooth.options == {"steps": 7, "bn_mode": "eval", "label_smoothing": 0.1}
+    run1 = example.Pipeline(example.parser().parse_args([*args, "--adv-option", "alpha=0.00784313725490196"]))
+    assert run1.teacher_config("adv").options == {"steps": 5, "alpha": 2 / 255, "bn_mode": "eval"}  # H200 run 1's
     trades = example.Pipeline(example.parser().parse_args([*args, "--adv-preset", "trades"])).teacher_config("adv")
     assert trades.options == {"steps": 5, "alpha": 4 / 255}  # the plan's PGD-5 where the preset runs a PGD
     with pytest.raises(ValueError, match="not an option of preset 'sat'"):
@@ -235,7 +237,7 @@ def test_every_lever_is_a_command_line_option_and_bad_values_end_before_any_trai
     recipe = example.get_preset("mtard").fn("cifar_resnet8", "cifar_resnet8", "cifar_resnet8", **student.options)
     assert recipe.branches[0].loss.reduction == "mean" and recipe.weighter.beta == 2
     # levers as the command line writes them: fixed weights and a one-step attack (measured on the CPU plan,
-    # RESULTS.md), and the next GPU call's, run 1's training attack (2/255 steps from x + 0.001 N)
+    # RESULTS.md), and run 1's training attack (2/255 steps from x + 0.001 N, also measured there)
     def lever(*pairs: str):
         options = {**run.options("student", "mtard"), **example.given_options("--option", list(pairs), "mtard")}
         return example.get_preset("mtard").fn("cifar_resnet8", "cifar_resnet8", "cifar_resnet8", **options)
@@ -246,6 +248,8 @@ def test_every_lever_is_a_command_line_option_and_bad_values_end_before_any_trai
     assert (pgd.steps, pgd.alpha, pgd.start) == (1, 0.04, "uniform")
     pgd = lever("alpha=0.00784313725490196", "start=normal").branches[0].transform
     assert (pgd.steps, pgd.alpha, pgd.start) == (5, 2 / 255, "normal")
+    ablation = run.student_config("baseline_mt", student_teachers(tmp_path), allot=False)  # next GPU call, 2nd
+    assert ablation.options == {"steps": 5, "alpha": 4 / 255, "reduction": "batchmean", "start": "uniform"}
     timed = example.Pipeline(example.parser().parse_args([*args, "--budget", "540", "--student-seconds", "150"]))
     for allot in (False, True):  # under the time left (219.5 s is the student's nominal share), the cap names it
         t = timed.student_config("mtard", student_teachers(tmp_path), allot=allot).train
