@@ -240,7 +240,7 @@ class Pipeline:
         self.args, self.dist = args, dist or DistContext.from_env()
         self.plan = PLANS[args.plan or ("tiny" if args.tiny else "full")]
         self.budget: TimeBudget | None = None
-        if getattr(args, "student_seconds", None) is not None and not args.student_seconds > 0:
+        if args.student_seconds is not None and not args.student_seconds > 0:
             raise ValueError(f"--student-seconds must be > 0 seconds, got {args.student_seconds}")
         if getattr(args, "share", []) and not args.budget:
             raise ValueError("--share splits a time budget: give --budget SECONDS too")
@@ -278,7 +278,7 @@ class Pipeline:
             train["stage_budget_s"] = round(self.budget.nominal(role), 1)
             if allot:
                 train["time_budget_s"] = self.budget.allot(role)
-        cap = getattr(a, "student_seconds", None)
+        cap = a.student_seconds
         if role == "student" and cap:  # a lever timed like the reference's student (its folder named by the cap)
             train["stage_budget_s"] = cap
             if allot:

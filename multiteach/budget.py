@@ -9,9 +9,8 @@ Two pieces, both driven by an injectable clock (tests use a fake one):
   stage's first steps (after the warm-up steps that autotune and capture graphs), and shortens the plan at an
   epoch end if the stage runs behind: by the median of its last epochs' wall times and the recurring cost of its
   validations, so a one-off cost (the first validation's warm-up, a stall) does not cut epochs the time still
-  holds, and a lasting slow-down does. The LR
-  schedule follows the planned epochs, so a budgeted run anneals to its end instead of being cut off at a high
-  learning rate.
+  holds, and a lasting slow-down does. The LR schedule follows the planned epochs, so a budgeted run anneals to
+  its end instead of being cut off at a high learning rate.
 """
 
 from __future__ import annotations
