@@ -32,7 +32,8 @@ def read_metrics(run_dir: str | Path) -> tuple[list[str], list[dict], list[dict]
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write losses.png, weights.png and accuracy.png (when validated); returns the paths written."""
+    """Write losses.png, weights.png (with the teachers' temperatures where a balance moved them) and
+    accuracy.png (when validated); returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,6 +55,15 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         ax.set_ylabel(ylabel)
         if key == "L":
             ax.set_yscale("log")
+        temps = [r for r in epochs if "T" in r]
+        if key == "w" and temps:  # B-MTARD's temperatures, at each epoch's last step, on their own axis
+            last = {r["epoch"]: r["step"] for r in steps}
+            tx = ax.twinx()
+            for i, name in enumerate(temps[0]["T"]):
+                tx.plot([last.get(r["epoch"], 0) for r in temps], [r["T"][name] for r in temps], ls="--",
+                        marker=".", color=f"C{i}", label=f"$T$ {name}")
+            tx.set_ylabel("teacher temperature $T_i$")
+            tx.legend(loc="lower right", fontsize=7)
         ax.legend()
         ax.grid(alpha=0.3)
         ax.set_title(Path(run_dir).resolve().name, fontsize=9)

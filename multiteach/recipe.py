@@ -191,6 +191,18 @@ class Recipe(nn.Module):
         return [b.name for b in self.branches]
 
     @property
+    def balanced_names(self) -> list[str]:
+        """The branches whose teacher logits a balance softens, in its order (a teacher's logits, not a layer's
+        features nor the student's own output)."""
+        return [b.name for b in self.branches if _softened(b)]
+
+    def temperatures(self) -> dict[str, float]:
+        """Each balanced teacher's temperature now (B-MTARD's T_k); empty without a balance."""
+        if self.balance is None:
+            return {}
+        return dict(zip(self.balanced_names, self.balance.temperatures.tolist()))
+
+    @property
     def trainable_teachers(self) -> list[Teacher]:
         return [t for t in self.teachers if t.trainable]
 
@@ -214,7 +226,7 @@ class Recipe(nn.Module):
                 targets.append(q_feats[b.teacher_layer] if b.teacher_layer else q)
                 if b.teacher.trainable:
                     targets[-1] = targets[-1].detach()
-                if not b.teacher_layer and not b.student_layer:
+                if _softened(b):
                     logit_targets.append(len(targets) - 1)
             else:
                 targets.append(None)
@@ -281,6 +293,11 @@ class Recipe(nn.Module):
         skip |= {id(p) for t in self.teachers for p in t.parameters()}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in skip]
         return [p for p in self.student.parameters() if p.requires_grad], rest
+
+
+def _softened(b: Branch) -> bool:
+    """Whether a balance softens this branch's target: a teacher's logits (not the student's, not features)."""
+    return b.teacher is not None and b.teacher is not STUDENT and not b.teacher_layer and not b.student_layer
 
 
 def epoch_sum(t: Tensor) -> Tensor:

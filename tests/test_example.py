@@ -250,6 +250,12 @@ def test_every_lever_is_a_command_line_option_and_bad_values_end_before_any_trai
     assert (pgd.steps, pgd.alpha, pgd.start) == (5, 2 / 255, "normal")
     ablation = run.student_config("baseline_mt", student_teachers(tmp_path), allot=False)  # next GPU call, 2nd
     assert ablation.options == {"steps": 5, "alpha": 4 / 255, "reduction": "batchmean", "start": "uniform"}
+    balanced = run.student_config("bmtard", student_teachers(tmp_path), allot=False)  # B-MTARD: only T differs
+    adv_only = {"adv": student_teachers(tmp_path)["adv"]}
+    alone = run.student_config("baseline", adv_only, allot=False)  # the adversarial teacher alone
+    assert balanced.options == alone.options == ablation.options
+    recipe = example.get_preset("bmtard").fn("cifar_resnet8", "cifar_resnet8", "cifar_resnet8", **balanced.options)
+    assert recipe.branches[0].loss.reduction == "batchmean" and recipe.branches[0].transform.start == "uniform"
     timed = example.Pipeline(example.parser().parse_args([*args, "--budget", "540", "--student-seconds", "150"]))
     for allot in (False, True):  # under the time left (219.5 s is the student's nominal share), the cap names it
         t = timed.student_config("mtard", student_teachers(tmp_path), allot=allot).train

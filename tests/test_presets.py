@@ -158,6 +158,29 @@ def test_bmtard_moves_temperatures_by_the_entropy_ratio():
     assert sorted(want) == [1.0, 1.001]
 
 
+def test_bmtard_logs_each_teachers_temperature_by_branch(tmp_path):
+    """The run log keeps the temperatures the balance moved (the paper's T_k(t)): by branch name at each epoch's
+    end, as the balance holds them then, in the epoch's summary line and on weights.png."""
+    import json
+
+    from multiteach.data import TensorLoader, synthetic
+    from multiteach.engine.runlog import epoch_line
+    from multiteach.plots import plot_run
+
+    recipe, _, _ = setup("bmtard", 2, steps=1, temperature_lr=0.05)  # 0.05 per step: 4 steps move T visibly
+    loader = TensorLoader(synthetic(64, seed=0), 32, shuffle=True, drop_last=True, seed=0)
+    cfg = mt.TrainConfig(epochs=2, batch_size=32, lr=0.05, milestones=[], log_every=1, progress=False, eval_every=0)
+    mt.Trainer(recipe, loader, cfg, run_dir=tmp_path).fit()
+    epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["type"] == "epoch"]
+    assert [list(r["T"]) for r in epochs] == [["adv", "nat"]] * 2
+    assert list(epochs[-1]["T"].values()) == pytest.approx(recipe.balance.temperatures.tolist(), rel=1e-6)
+    assert epochs[-1]["T"] != epochs[0]["T"] and max(epochs[-1]["T"].values()) > 1.0  # moved, and logged as moved
+    assert "T_adv=" in epoch_line(epochs[-1], ["adv", "nat"])
+    assert (tmp_path / "weights.png") in plot_run(tmp_path, tmp_path)
+    assert mt.presets.mtard(tiny_net(), mt.Teacher(tiny_net()), mt.Teacher(tiny_net())).temperatures() == {}
+
+
 def test_every_preset_takes_a_cpu_step_with_finite_losses():
     x, y = batch()
     for name, info in PRESETS.items():

@@ -307,6 +307,8 @@ class Trainer:
                                   "img_per_s": self._seen / max(elapsed, 1e-9)}
         if self._last is not None:
             record.update(loss=self._last["loss"], L=self._last["L"], w=self._last["w"])
+        if temperatures := self.recipe.temperatures():  # B-MTARD's teacher temperatures, at the epoch's end
+            record["T"] = temperatures
         if self.planner is not None:
             self._set_epochs(self.planner.on_epoch_end(self.epoch, self.cfg.epochs), "behind its budget")
         new_best = None

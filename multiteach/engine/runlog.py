@@ -17,7 +17,8 @@ WIDE = 120  # columns from which the progress bar also shows the latest losses a
 
 class RunLog:
     """``metrics.jsonl`` under ``run_dir`` (main process only): step records ``{type: "step", step, epoch, lr,
-    loss, L, w}`` and epoch records ``{type: "epoch", epoch, time_s, img_per_s, val_*}``; optionally the same
+    loss, L, w}`` and epoch records ``{type: "epoch", epoch, time_s, img_per_s, val_*}`` (and ``T``, the
+    teachers' temperatures by branch, where a balance moves them); optionally the same
     scalars in TensorBoard under ``run_dir/tb``."""
 
     def __init__(self, run_dir: Path | None, branch_names: list[str], *, enabled: bool = True,
@@ -68,6 +69,8 @@ class RunLog:
             for k, v in r.items():
                 if isinstance(v, float):
                     self._writer.add_scalar(f"epoch/{k}", v, r["epoch"])
+            for name, t in r.get("T", {}).items():
+                self._writer.add_scalar(f"temperature/{name}", t, r["epoch"])
 
     def truncate(self, global_step: int, epoch: int) -> None:
         """After a resume, keep each record up to the checkpoint once; a torn line is dropped with a warning."""
@@ -96,6 +99,8 @@ def _rounded(r: dict[str, Any]) -> dict[str, Any]:
             return float(f"{v:.7g}")
         if isinstance(v, list):
             return [rnd(x) for x in v]
+        if isinstance(v, dict):
+            return {k: rnd(x) for k, x in v.items()}
         return v
     return {k: rnd(v) for k, v in r.items()}
 
@@ -115,6 +120,8 @@ def epoch_line(r: dict[str, Any], names: list[str]) -> str:
     parts = [f"epoch {r['epoch']}", f"{r['time_s']:.1f}s", f"{r['img_per_s']:,.0f} img/s"]
     if "L" in r:
         parts += [f"L_{n}={li:.4f} w_{n}={wi:.3f}" for n, li, wi in zip(names, r["L"], r["w"])]
+    if "T" in r:
+        parts.append(" ".join(f"T_{n}={t:.2f}" for n, t in r["T"].items()))
     if "val_clean" in r:
         robust = f" robust {100 * r['val_robust']:.2f}" if "val_robust" in r else ""
         parts.append(f"val clean {100 * r['val_clean']:.2f}{robust}")

@@ -66,11 +66,14 @@ def bmtard(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None 
            nat_teacher: ModelLike | None = None, *, num_classes: int = 10, eps: float = 8 / 255,
            alpha: float = 2 / 255, steps: int = 10, beta: float = 1.0, rw: float = 0.025,
            temperature_lr: float = 0.001, t_max: float = 10.0, weighter: WeighterSpec = "anl",
-           kl_scale: float | None = None) -> Recipe:
+           reduction: Reduction = "mean", start: str = "normal", kl_scale: float | None = None) -> Recipe:
     """MTARD's two branches with per-teacher temperatures (start 1, in [1, 10], moved by 0.001 x sign of the
-    entropy ratio each batch, decayed with the LR; zhaoshiji123/MTARD-extension) and the same ANL."""
+    entropy ratio each batch, decayed with the LR; zhaoshiji123/MTARD-extension) and the same ANL.
+    ``reduction`` and ``start`` as in :func:`mtard` (the official script's: mean over batch x classes, x + 0.001 N),
+    so a plan that sets them for MTARD trains this student alike."""
     recipe = mtard(student, adv_teacher, nat_teacher, num_classes=num_classes, eps=eps, alpha=alpha,
-                   steps=steps, beta=beta, rw=rw, weighter=weighter, kl_scale=kl_scale)
+                   steps=steps, reduction=reduction, beta=beta, rw=rw, weighter=weighter, start=start,
+                   kl_scale=kl_scale)
     recipe.balance = EntropyBalance(2, lr=temperature_lr, t_min=1.0, t_max=t_max)
     recipe.name = "bmtard"
     return recipe
