@@ -55,16 +55,19 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         ax.set_ylabel(ylabel)
         if key == "L":
             ax.set_yscale("log")
+        handles, labels = ax.get_legend_handles_labels()
         temps = [r for r in epochs if "T" in r]
         if key == "w" and temps:  # B-MTARD's temperatures, at each epoch's last step, on their own axis
             last = {r["epoch"]: r["step"] for r in steps}
             tx = ax.twinx()
-            for i, name in enumerate(temps[0]["T"]):
+            for name in temps[0]["T"]:  # each in its branch's colour
                 tx.plot([last.get(r["epoch"], 0) for r in temps], [r["T"][name] for r in temps], ls="--",
-                        marker=".", color=f"C{i}", label=f"$T$ {name}")
+                        marker=".", color=f"C{names.index(name) if name in names else len(names)}",
+                        label=f"$T$ {name}")
             tx.set_ylabel("teacher temperature $T_i$")
-            tx.legend(loc="lower right", fontsize=7)
-        ax.legend()
+            more = tx.get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
+        ax.legend(handles, labels, fontsize=8)
         ax.grid(alpha=0.3)
         ax.set_title(Path(run_dir).resolve().name, fontsize=9)
         fig.tight_layout()

@@ -191,16 +191,18 @@ class Recipe(nn.Module):
         return [b.name for b in self.branches]
 
     @property
-    def balanced_names(self) -> list[str]:
-        """The branches whose teacher logits a balance softens, in its order (a teacher's logits, not a layer's
-        features nor the student's own output)."""
+    def logit_target_names(self) -> list[str]:
+        """The branches whose target is a teacher's logits (not a layer's features nor the student's own
+        output): what a balance receives, in its order."""
         return [b.name for b in self.branches if _softened(b)]
 
     def temperatures(self) -> dict[str, float]:
-        """Each balanced teacher's temperature now (B-MTARD's T_k); empty without a balance."""
+        """Each softened teacher's temperature now (B-MTARD's T_k), by branch: a balance of n temperatures
+        softens the first n logit targets (CIARD's leaves its third as it is); empty without a balance."""
         if self.balance is None:
             return {}
-        return dict(zip(self.balanced_names, self.balance.temperatures.tolist()))
+        temps = self.balance.temperatures.tolist()
+        return dict(zip(self.logit_target_names[:len(temps)], temps, strict=True))
 
     @property
     def trainable_teachers(self) -> list[Teacher]:
@@ -296,7 +298,7 @@ class Recipe(nn.Module):
 
 
 def _softened(b: Branch) -> bool:
-    """Whether a balance softens this branch's target: a teacher's logits (not the student's, not features)."""
+    """Whether this branch's target goes to a balance: a teacher's logits (not the student's, not features)."""
     return b.teacher is not None and b.teacher is not STUDENT and not b.teacher_layer and not b.student_layer
 
 

@@ -179,6 +179,9 @@ def test_bmtard_logs_each_teachers_temperature_by_branch(tmp_path):
     assert "T_adv=" in epoch_line(epochs[-1], ["adv", "nat"])
     assert (tmp_path / "weights.png") in plot_run(tmp_path, tmp_path)
     assert mt.presets.mtard(tiny_net(), mt.Teacher(tiny_net()), mt.Teacher(tiny_net())).temperatures() == {}
+    ciard, _, _ = setup("ciard", 2)  # two temperatures over three logit targets: the push term's is not softened
+    assert ciard.logit_target_names[:2] == ["adv", "nat"] and len(ciard.logit_target_names) == 3
+    assert list(ciard.temperatures()) == ["adv", "nat"]
 
 
 def test_every_preset_takes_a_cpu_step_with_finite_losses():
