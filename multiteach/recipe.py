@@ -194,7 +194,7 @@ class Recipe(nn.Module):
     def logit_target_names(self) -> list[str]:
         """The branches whose target is a teacher's logits (not a layer's features nor the student's own
         output): what a balance receives, in its order."""
-        return [b.name for b in self.branches if _softened(b)]
+        return [b.name for b in self.branches if _logit_target(b)]
 
     def temperatures(self) -> dict[str, float]:
         """Each softened teacher's temperature now (B-MTARD's T_k), by branch: a balance of n temperatures
@@ -228,7 +228,7 @@ class Recipe(nn.Module):
                 targets.append(q_feats[b.teacher_layer] if b.teacher_layer else q)
                 if b.teacher.trainable:
                     targets[-1] = targets[-1].detach()
-                if _softened(b):
+                if _logit_target(b):
                     logit_targets.append(len(targets) - 1)
             else:
                 targets.append(None)
@@ -297,8 +297,8 @@ class Recipe(nn.Module):
         return [p for p in self.student.parameters() if p.requires_grad], rest
 
 
-def _softened(b: Branch) -> bool:
-    """Whether this branch's target goes to a balance: a teacher's logits (not the student's, not features)."""
+def _logit_target(b: Branch) -> bool:
+    """Whether this branch's target is a teacher's logits (not the student's, not features): what a balance gets."""
     return b.teacher is not None and b.teacher is not STUDENT and not b.teacher_layer and not b.student_layer
 
 
