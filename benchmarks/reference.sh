@@ -5,6 +5,8 @@
 #   bash benchmarks/reference.sh OUT2 --preset baseline_mt --epochs N   # extra args go to the example: here an
 #                    # ablation student of the MTARD student's N epochs, from the teachers the first command cached
 #   bash benchmarks/reference.sh OUT3 --epochs N --no-autoattack --option beta=2   # a lever, ~4.5 min on an H200
+#   WALL=250 bash benchmarks/reference.sh OUT4 --preset baseline --student-seconds like:mtard --no-autoattack
+#                    # the Baseline student in the seconds the MTARD student was allotted, stopped by 250 s
 #
 # A later command reuses the cached teachers only under the same BUDGET: they are named by their nominal share
 # of it, so another BUDGET trains new ones (H200 run 3 in benchmarks/RESULTS.md). Keep BUDGET and pass --epochs.
@@ -17,7 +19,10 @@
 # by recipe, seed and budget share; the student trains in a folder of RUN_DIR/run named by its configuration
 # (--folder-by-config), so a command that trains the same student resumes it (or, finished, evaluates it again)
 # and another (a lever, another budget) trains its own.
-# Setup time counts against the budget. Environment: BUDGET, DATA_DIR, GRACE (60), PLAN (speedrun), RUN_DIR.
+# Setup time counts against the budget. Environment: BUDGET, DATA_DIR, GRACE (60), PLAN (speedrun), RUN_DIR, and
+# WALL: the most seconds the whole command may take (a device call's limit less ~10 s), for a lever's call that
+# keeps BUDGET (its teachers' cache names) but has less time than that left: the example is stopped 5 s before
+# WALL, so it keeps what it finished (eval.json with the rows done) instead of the caller's kill taking it all.
 set -euo pipefail
 OUT=${1:?usage: bash benchmarks/reference.sh OUT_DIR [extra arguments for examples/mtard_cifar.py]}
 shift
@@ -48,9 +53,13 @@ left=$(python3 -c "import sys, time; print(f'{float(sys.argv[1]) - (time.time() 
        "${BUDGET:-540}" "$start")
 echo "reference run: ${left} s of ${BUDGET:-540} s left after setup"
 set +e
-# SIGTERM GRACE (60) s past the budget: a stage checkpoints, the evaluation keeps its finished rows in eval.json,
+# SIGTERM GRACE (60) s past the budget, or 5 s before WALL: a stage checkpoints, the evaluation keeps its finished rows in eval.json,
 # the example ends in one line (timeout then exits 124); the same command resumes
-timeout --signal=TERM "$(python3 -c "print(int(float('$left')) + ${GRACE:-60})")" \
+stop=$(python3 -c "import sys, time; left, grace, wall, start = sys.argv[1:]
+stop = float(left) + float(grace)
+if wall: stop = min(stop, float(wall) - 5 - (time.time() - float(start)))
+print(max(int(stop), 1))" "$left" "${GRACE:-60}" "${WALL:-}" "$start")
+timeout --signal=TERM "$stop" \
   python3 examples/mtard_cifar.py --plan "${PLAN:-speedrun}" --budget "${BUDGET:-540}" --started-at "$start" \
     --data-dir "$DATA_DIR" \
     --run-dir "$RUN_DIR/run" --teacher-cache "$RUN_DIR/teachers" --folder-by-config --autoattack --quiet "$@" 2>&1 \

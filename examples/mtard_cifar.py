@@ -170,10 +170,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--share", action="append", default=[], metavar="ROLE=WEIGHT",
                    help="a stage's weight in the budget's split, over the plan's (roles nat, adv, student; "
                         "speedrun: 0.085, 0.325, 0.59), e.g. adv=0.45; repeatable")
-    p.add_argument("--student-seconds", type=float, metavar="SECONDS",
+    p.add_argument("--student-seconds", type=student_seconds, metavar="SECONDS",
                    help="the student stage's seconds at most, epochs planned from its measured rate (with --budget: "
                         "or the time left before the evaluation's reserve, if less): a lever with another step cost "
-                        "compared at the reference student's time (its allotted seconds)")
+                        "compared at the reference student's time (its allotted seconds; like:mtard reads them from "
+                        "the newest mtard run in --run-dir, like:FOLDER from that run)")
     p.add_argument("--started-at", type=float,
                    help="Unix time the budget counts from (default: now; benchmarks/reference.sh passes its start)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
@@ -215,6 +216,45 @@ def student_folder(preset: str, pairs: list[str]) -> str:
     return "-".join([preset, *(re.sub(r"[^\w=.+-]", "_", pair) for pair in pairs)])
 
 
+def student_seconds(value: str) -> float | str:
+    """--student-seconds: seconds (> 0), or ``like:RUN``, resolved by :func:`allotted_student_seconds`."""
+    if value.startswith("like:") and value[5:]:
+        return value
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"give seconds (> 0) or like:RUN (a run folder or a preset), got {value!r}")
+    return seconds
+
+
+def allotted_student_seconds(like: str, run_dir: Path) -> tuple[float, Path]:
+    """The seconds a finished budgeted run allotted its student (its eval.json), and that file: a lever's
+    student timed like that reference's, without reading the number off its log. ``like`` is the run's folder,
+    its eval.json, or a preset: the newest run in ``run_dir`` of that preset without --option (its folder
+    ``mtard``, or ``mtard-1a2b3c4d`` under --folder-by-config)."""
+    path = Path(like)
+    if path.suffix == ".json":
+        found = [path]
+    elif path.is_dir():
+        found = [path / "eval.json"]
+    else:
+        found = [f / "eval.json" for f in (run_dir.iterdir() if run_dir.is_dir() else [])
+                 if f.name == like or re.fullmatch(re.escape(like) + r"-[0-9a-f]{8}", f.name)]
+    found = [f for f in found if f.is_file()]
+    if not found:
+        raise ValueError(f"--student-seconds like:{like}: no evaluated run found (a folder with eval.json, or a "
+                         f"preset's run in {run_dir}); run that reference first, or give the seconds")
+    source = max(found, key=lambda f: f.stat().st_mtime)
+    stages = json.loads(source.read_text()).get("budget", {}).get("stages", {})
+    seconds = stages.get("student", {}).get("allotted_s")
+    if not seconds or not seconds > 0:
+        raise ValueError(f"--student-seconds like:{like}: {source} records no budgeted student stage (a run "
+                         "under --budget does); give the seconds instead")
+    return float(seconds), source
+
+
 def budget_shares(plan_shares: dict[str, float], pairs: list[str]) -> dict[str, float]:
     """The plan's stage weights with ``--share ROLE=WEIGHT`` pairs over them (weights are relative)."""
     shares = dict(plan_shares)
@@ -240,6 +280,10 @@ class Pipeline:
         self.args, self.dist = args, dist or DistContext.from_env()
         self.plan = PLANS[args.plan or ("tiny" if args.tiny else "full")]
         self.budget: TimeBudget | None = None
+        run_dir = Path(args.run_dir)
+        if isinstance(args.student_seconds, str):  # like:RUN, read before any stage trains
+            args.student_seconds, source = allotted_student_seconds(args.student_seconds[5:], run_dir)
+            console.log(f"student seconds: {args.student_seconds} s, as allotted to the student of {source}")
         if args.student_seconds is not None and not args.student_seconds > 0:
             raise ValueError(f"--student-seconds must be > 0 seconds, got {args.student_seconds}")
         if getattr(args, "share", []) and not args.budget:
@@ -253,7 +297,6 @@ class Pipeline:
         self.data = DataConfig(data_dir=args.data_dir, download=args.download, root=args.root,
                                val_size=self.plan["val_size"], train_size=self.plan["train_size"], seed=args.seed)
         self.splits = load_splits(self.data)
-        run_dir = Path(args.run_dir)
         self.cache = Path(args.teacher_cache) if args.teacher_cache else run_dir.parent / "teachers"
         self.timings: dict[str, float] = {}
         self.origins: dict[str, str] = {}  # per teacher role: the preset that trained it, or "given"

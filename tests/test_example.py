@@ -1,3 +1,4 @@
+import argparse
 import importlib.util
 import json
 import os
@@ -35,11 +36,12 @@ REFERENCE = Path(__file__).parents[1] / "benchmarks" / "reference.sh"
 TABLE2_PRESETS = ["rslad", "rslad:steps=2"]  # a preset distilling from the cached adversarial teacher, and a lever
 
 
-def run_reference(out: Path, run_dir: Path, data: Path, budget: int, *extra: str) -> subprocess.CompletedProcess:
+def run_reference(out: Path, run_dir: Path, data: Path, budget: int, *extra: str,
+                  wall: str = "") -> subprocess.CompletedProcess:
     """benchmarks/reference.sh in tiny mode, as CI can run it (pydantic installed, data given). Its SIGTERM
     comes 10 minutes past the budget, not one: on a loaded machine a 1-s budget's minimal stages took 66 s."""
     env = {**os.environ, "PLAN": "tiny", "BUDGET": str(budget), "DATA_DIR": str(data), "RUN_DIR": str(run_dir),
-           "GRACE": "600",
+           "GRACE": "600", "WALL": wall,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run(["bash", str(REFERENCE), str(out), *extra], env=env, capture_output=True, text=True,
                           timeout=900)
@@ -99,6 +101,8 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
     monkeypatch.setattr(TimedEvaluation, "row", row_then_sigterm)
     [student] = (run_dir / "run").iterdir()  # the wrapper's: named by its configuration
     assert re.fullmatch(r"mtard-[0-9a-f]{8}", student.name)
+    seconds = result["budget"]["stages"]["student"]["allotted_s"]  # what a lever's --student-seconds like:mtard reads
+    assert example.allotted_student_seconds("mtard", run_dir / "run") == (seconds, student / "eval.json")
     argv = ["--plan", "tiny", "--budget", "36000", "--data-dir", str(cifar_slice), "--run-dir", str(run_dir / "run"),
             "--teacher-cache", str(run_dir / "teachers"), "--folder-by-config", "--quiet", "--eval-n", "100",
             "--epochs", "2", *short]  # other evaluation flags: the same student
@@ -276,13 +280,56 @@ def test_every_lever_is_a_command_line_option_and_bad_values_end_before_any_trai
            "--budget 60 --share adv=0": "positive weight", "--budget 60 --share teacher=1": "one of nat, adv, student",
            "--budget 60 --share adv=inf": "positive weight",
            "--preset rslad --option beta=1": "not an option of preset 'rslad'",
-           "--student-seconds 0": "--student-seconds must be > 0"}
+           "--student-seconds 0": "--student-seconds: give seconds (> 0) or like:RUN",
+           "--student-seconds like:mtard": "--student-seconds like:mtard: no evaluated run found"}
     for flags, why in bad.items():
         with pytest.raises(SystemExit) as stop:
             run_command(lambda f=flags: example.main([*args, "--quiet", *f.split()]))
         err = capsys.readouterr().err
         assert stop.value.code == 2 and why in err and "Traceback" not in err, (flags, err)
     assert not (tmp_path / "teachers").exists() and not (tmp_path / "runs").exists()  # nothing trained
+
+
+def test_reference_wrapper_stops_the_example_before_wall_whatever_the_budget(cifar_slice, tmp_path):
+    """WALL, a device call's limit, stops the example (SIGTERM) 5 s before it, under a budget of ten hours: a
+    lever's call keeps the reference's budget (its cached teachers' names) and still ends, with what it finished,
+    before the caller's kill. Here WALL leaves no time at all: timeout's exit 124, the wrapper's last line."""
+    proc = run_reference(tmp_path / "out", tmp_path / "ref", cifar_slice, 36000, "--eval-n", "100", wall="6")
+    assert proc.returncode == 124, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "reference run: exit 124" in proc.stdout
+    assert not any((tmp_path / "ref").rglob("done.json"))  # stopped before any stage finished
+
+
+def test_student_seconds_like_a_run_reads_the_seconds_its_student_was_allotted(tmp_path):
+    """--student-seconds like:RUN times a lever's student like a finished reference's (the next GPU session's
+    second call, on a machine that stays warm for seconds only): the newest run of the preset without options,
+    or the folder given; a run without a budget, or none, is refused with what to do instead."""
+    example = load("mtard_cifar")
+    runs = tmp_path / "run"
+
+    def finished(name: str, allotted: float | None, age: int) -> Path:
+        folder = runs / name
+        folder.mkdir(parents=True)
+        budget = {"stages": {"student": {"allotted_s": allotted, "spent_s": 1.0}}} if allotted else {}
+        (folder / "eval.json").write_text(json.dumps({"budget": budget}))
+        os.utime(folder / "eval.json", (time.time() - age, time.time() - age))
+        return folder
+
+    older, newer = finished("mtard-0123abcd", 201.3, 60), finished("mtard-89abcdef", 213.4, 30)
+    finished("mtard-beta=2-fedcba98", 99.0, 0)  # a lever of the preset: newest, but not the preset's own run
+    finished("baseline-76543210", 55.0, 0)
+    assert example.allotted_student_seconds("mtard", runs) == (213.4, newer / "eval.json")
+    assert example.allotted_student_seconds(str(older), runs) == (201.3, older / "eval.json")
+    assert example.allotted_student_seconds(str(older / "eval.json"), runs)[0] == 201.3
+    assert example.student_seconds("like:mtard") == "like:mtard" and example.student_seconds("150") == 150.0
+    for bad in ("0", "-1", "nan", "inf", "like:", "ten"):
+        with pytest.raises(argparse.ArgumentTypeError, match="give seconds"):
+            example.student_seconds(bad)
+    unbudgeted = finished("natural-0f0f0f0f", None, 0)
+    with pytest.raises(ValueError, match="records no budgeted student stage"):
+        example.allotted_student_seconds(str(unbudgeted), runs)
+    with pytest.raises(ValueError, match="no evaluated run found"):
+        example.allotted_student_seconds("rslad", runs)
 
 
 def test_table2_trains_a_lever_per_preset_spec_and_refuses_a_bad_one_before_any_training(cifar_slice, tmp_path,
