@@ -53,8 +53,8 @@ left=$(python3 -c "import sys, time; print(f'{float(sys.argv[1]) - (time.time() 
        "${BUDGET:-540}" "$start")
 echo "reference run: ${left} s of ${BUDGET:-540} s left after setup"
 set +e
-# SIGTERM GRACE (60) s past the budget, or 5 s before WALL: a stage checkpoints, the evaluation keeps its finished rows in eval.json,
-# the example ends in one line (timeout then exits 124); the same command resumes
+# SIGTERM GRACE (60) s past the budget, or 5 s before WALL: a stage checkpoints, the evaluation keeps its finished
+# rows in eval.json, the example ends in one line (timeout then exits 124); the same command resumes
 stop=$(python3 -c "import sys, time; left, grace, wall, start = sys.argv[1:]
 stop = float(left) + float(grace)
 if wall: stop = min(stop, float(wall) - 5 - (time.time() - float(start)))

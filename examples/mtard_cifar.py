@@ -284,8 +284,6 @@ class Pipeline:
         if isinstance(args.student_seconds, str):  # like:RUN, read before any stage trains
             args.student_seconds, source = allotted_student_seconds(args.student_seconds[5:], run_dir)
             console.log(f"student seconds: {args.student_seconds} s, as allotted to the student of {source}")
-        if args.student_seconds is not None and not args.student_seconds > 0:
-            raise ValueError(f"--student-seconds must be > 0 seconds, got {args.student_seconds}")
         if getattr(args, "share", []) and not args.budget:
             raise ValueError("--share splits a time budget: give --budget SECONDS too")
         if args.budget:
