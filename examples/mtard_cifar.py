@@ -56,7 +56,7 @@ from multiteach.pipeline import (
     train_stage,
 )
 from multiteach.presets import get_preset
-from multiteach.teachers import load_model
+from multiteach.teachers import check_model_name, load_model
 
 console = Console(stderr=True)
 
@@ -613,6 +613,12 @@ def main(argv: list[str] | None = None) -> dict:
     run = Pipeline(args)
     need = get_preset(args.preset).teachers
     options = given_options("--option", args.option, args.preset)
+    for flag, name in (("--student", args.student), ("--nat-arch", args.nat_arch), ("--adv-arch", args.adv_arch)):
+        if name:  # a typo ends the command now, not after the stages before the one it names have trained
+            try:
+                check_model_name(name)
+            except ValueError as e:
+                raise ValueError(f"{flag}: {e}") from None
     archs = {"nat": args.nat_arch or run.plan["nat"]["model"], "adv": args.adv_arch or run.plan["adv"]["model"]}
     if args.option:  # option values checked before any training
         run.check_build("--option", args.preset, args.student or run.plan["student"]["model"],

@@ -15,9 +15,8 @@ from .checkpoint import load_weights
 from .preprocess import Preprocess, Preprocessed
 
 
-def create_model(name: str, num_classes: int | None = 10, **kwargs: Any) -> nn.Module:
-    """``timm.create_model`` with a clear message for an unknown name (``num_classes`` None: the model's own,
-    e.g. its pretrained weights' classes)."""
+def check_model_name(name: str) -> None:
+    """Refuse a name timm's registry does not hold, with the nearest names and the CIFAR ones."""
     if not timm.is_model(name):
         import difflib
 
@@ -27,6 +26,12 @@ def create_model(name: str, num_classes: int | None = 10, **kwargs: Any) -> nn.M
             f"unknown model {name!r}{hint}: use a timm model name; CIFAR models are "
             f"{', '.join(timm.list_models('cifar_*'))}"
         )
+
+
+def create_model(name: str, num_classes: int | None = 10, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` with a clear message for an unknown name (``num_classes`` None: the model's own,
+    e.g. its pretrained weights' classes)."""
+    check_model_name(name)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if not kwargs.get("pretrained"):

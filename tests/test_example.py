@@ -227,6 +227,8 @@ def test_every_lever_is_a_command_line_option_and_bad_values_end_before_any_trai
     run = example.Pipeline(example.parser().parse_args(
         [*args, "--budget", "540", "--share", "adv=0.45", "--share", "student=0.45"]))
     assert run.budget.shares == {"nat": 0.085, "adv": 0.45, "student": 0.45}
+    airbench = run.planned_teacher("nat", model="cifar_airbench")  # --nat-arch: its own cache entry, not ResNet-18's
+    assert airbench[0] == "cifar_airbench" and airbench[1] != run.planned_teacher("nat")[1]
     for name in ("a.pt", "n.pt"):
         (tmp_path / name).write_bytes(b"")
     given = example.given_options("--option", ["reduction=mean", "beta=2"], "mtard")
@@ -281,7 +283,9 @@ def test_every_lever_is_a_command_line_option_and_bad_values_end_before_any_trai
            "--budget 60 --share adv=inf": "positive weight",
            "--preset rslad --option beta=1": "not an option of preset 'rslad'",
            "--student-seconds 0": "--student-seconds: give seconds (> 0) or like:RUN",
-           "--student-seconds like:mtard": "--student-seconds like:mtard: no evaluated run found"}
+           "--student-seconds like:mtard": "--student-seconds like:mtard: no evaluated run found",
+           "--adv-arch cifar_resnet9": "--adv-arch: unknown model 'cifar_resnet9' (did you mean cifar_resnet8",
+           "--student cifar_airbnch": "--student: unknown model", "--nat-arch resnet_18": "--nat-arch: unknown"}
     for flags, why in bad.items():
         with pytest.raises(SystemExit) as stop:
             run_command(lambda f=flags: example.main([*args, "--quiet", *f.split()]))

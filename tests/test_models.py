@@ -36,3 +36,27 @@ def test_checkpoint_of_another_architecture_is_explained(tmp_path):
         mt.Teacher("cifar_resnet20", checkpoint=tmp_path / "r8.pt")
     t = mt.Teacher("cifar_resnet8", checkpoint=tmp_path / "r8.pt")
     assert t.num_classes == 10
+
+
+def test_airbench_net_is_a_cifar_model_whose_bn_folding_skips_the_pooled_convs():
+    """cifar_airbench pools between a conv and its BatchNorm: folding that BN into the conv would be wrong
+    wherever a BN scale is negative (max-pool does not commute with it), so only the conv -> BN pairs fold and
+    the folded teacher / attack view computes what the model does."""
+    from multiteach.fast import fold_batchnorm, folded_eval
+
+    model = timm.create_model("cifar_airbench", num_classes=10)
+    assert sum(p.numel() for p in model.parameters()) == 1_972_816
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert timm.create_model("cifar_airbench", num_classes=100).num_classes == 100
+    torch.manual_seed(0)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.weight.data.uniform_(-1, 1)  # negative scales: a fold across the max-pool would change the output
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.rand(4, 3, 32, 32)
+    want = model(x)
+    view = folded_eval(model)
+    assert len(view.pairs) == 4  # the stem and each group's second conv; not the convs before a max-pool
+    for folded in (fold_batchnorm(model), view):
+        assert torch.allclose(folded(x), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
