@@ -26,6 +26,9 @@ def check_model_name(name: str) -> None:
             f"unknown model {name!r}{hint}: use a timm model name; CIFAR models are "
             f"{', '.join(timm.list_models('cifar_*'))}"
         )
+    if "." in name and name not in timm.list_pretrained(name):  # 'resnet18.a1_in1k': a tag timm holds
+        tags = timm.list_pretrained(name.split(".", 1)[0] + ".*")
+        raise ValueError(f"unknown pretrained tag in {name!r}: {', '.join(tags) or 'the model has none'}")
 
 
 def create_model(name: str, num_classes: int | None = 10, **kwargs: Any) -> nn.Module:

@@ -274,8 +274,9 @@ def final_feature(model: nn.Module, layer: str | None = None) -> tuple[str, bool
         if pooled is not None and pooled.shape == read.shape and \
                 torch.allclose(pooled, read, rtol=1e-4, atol=1e-5 * float(read.abs().max())):
             return layer, relu
-    raise ValueError(f"{type(model).__name__}: its classifier does not read the pooled output of {layer!r}: pass "
-                     "the layer whose output it pools (its last feature map) as student_layer/teacher_layers")
+    raise ValueError(f"{type(model).__name__}: its classifier does not read the average-pooled output of {layer!r}: "
+                     "pass the layer whose output it pools (its last feature map) as student_layer/teacher_layers; "
+                     "a model whose head pools otherwise (cifar_airbench's global max-pool) takes feature_weight=0")
 
 
 class ConfidenceHint(nn.Module):

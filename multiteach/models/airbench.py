@@ -1,10 +1,13 @@
 """A fast natural teacher: the layout of Keller Jordan's airbench94 CIFAR-10 network, trained plainly.
 
 Three groups of two 3x3 convolutions (64, 256, 256 channels), each group halving the resolution with a max-pool
-between its convolutions; GELU; global max-pool; a bias-free linear head whose logits are scaled down. About a
+between its convolutions; GELU; global max-pool; a bias-free linear head whose logits are scaled by 1/9. About a
 fifth of a CIFAR ResNet-18's multiply-adds per image, so a natural teacher that costs seconds, not tens of
-seconds (airbench reaches 94% in under ten epochs with its data whitening, lookahead and test-time flips; this
-module keeps the layout only, and every multiteach recipe trains it like any other model).
+seconds. airbench reaches 94% in under ten epochs with more than this layout, which this module leaves out: its
+2x2 stem is a frozen whitening convolution (with a bias, no BatchNorm) fitted to the training images' patches,
+where here it is a learned convolution followed by BatchNorm; its BatchNorm scales are frozen at 1 and its
+convolutions start from an identity; and lookahead and test-time flips. Every multiteach recipe trains this
+one like any other model. The 1/9 on the logits acts as a temperature the head's weights learn to undo.
 """
 
 from __future__ import annotations
