@@ -87,4 +87,3 @@ def cifar_mobilenetv2(pretrained: bool = False, **kwargs: Any) -> nn.Module:
 def cifar_airbench(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """airbench94's layout (2.0M parameters, a fifth of ResNet-18's multiply-adds): a fast natural teacher."""
     return _build(AirbenchNet, pretrained, kwargs)
-

@@ -6,8 +6,9 @@ fifth of a CIFAR ResNet-18's multiply-adds per image, so a natural teacher that 
 seconds. airbench reaches 94% in under ten epochs with more than this layout, which this module leaves out: its
 2x2 stem is a frozen whitening convolution (with a bias, no BatchNorm) fitted to the training images' patches,
 where here it is a learned convolution followed by BatchNorm; its BatchNorm scales are frozen at 1 and its
-convolutions start from an identity; and lookahead and test-time flips. Every multiteach recipe trains this
-one like any other model. The 1/9 on the logits acts as a temperature the head's weights learn to undo.
+convolutions start from an identity; it trains with lookahead and evaluates with test-time flips. Every
+multiteach recipe trains this one like any other model. The 1/9 on the logits acts as a temperature the head's
+weights learn to undo.
 """
 
 from __future__ import annotations
