@@ -19,7 +19,8 @@
 # by recipe, seed and budget share; the student trains in a folder of RUN_DIR/run named by its configuration
 # (--folder-by-config), so a command that trains the same student resumes it (or, finished, evaluates it again)
 # and another (a lever, another budget) trains its own.
-# Setup time counts against the budget. Environment: BUDGET, DATA_DIR, GRACE (60), PLAN (speedrun), RUN_DIR, and
+# Setup time counts against the budget. Environment: BUDGET, DATA_DIR, GRACE (45: with the default budget the
+# example is stopped at 585 s, inside a 600-s device call with time to copy its files), PLAN (speedrun), RUN_DIR, and
 # WALL: the most seconds the whole command may take (a device call's limit less ~10 s), for a lever's call that
 # keeps BUDGET (its teachers' cache names) but has less time than that left: the example is stopped 5 s before
 # WALL, so it keeps what it finished (eval.json with the rows done) instead of the caller's kill taking it all.
@@ -53,12 +54,12 @@ left=$(python3 -c "import sys, time; print(f'{float(sys.argv[1]) - (time.time() 
        "${BUDGET:-540}" "$start")
 echo "reference run: ${left} s of ${BUDGET:-540} s left after setup"
 set +e
-# SIGTERM GRACE (60) s past the budget, or 5 s before WALL: a stage checkpoints, the evaluation keeps its finished
+# SIGTERM GRACE (45) s past the budget, or 5 s before WALL: a stage checkpoints, the evaluation keeps its finished
 # rows in eval.json, the example ends in one line (timeout then exits 124); the same command resumes
 stop=$(python3 -c "import sys, time; left, grace, wall, start = sys.argv[1:]
 stop = float(left) + float(grace)
 if wall: stop = min(stop, float(wall) - 5 - (time.time() - float(start)))
-print(max(int(stop), 1))" "$left" "${GRACE:-60}" "${WALL:-}" "$start")
+print(max(int(stop), 1))" "$left" "${GRACE:-45}" "${WALL:-}" "$start")
 timeout --signal=TERM "$stop" \
   python3 examples/mtard_cifar.py --plan "${PLAN:-speedrun}" --budget "${BUDGET:-540}" --started-at "$start" \
     --data-dir "$DATA_DIR" \

@@ -46,6 +46,7 @@ from multiteach.evaluation import (
     standard_attacks,
 )
 from multiteach.pipeline import (
+    DONE,
     StageStopped,
     cache_entry,
     check_run_dir,
@@ -324,6 +325,8 @@ class Pipeline:
             train["stage_budget_s"] = cap
             if allot:
                 train["time_budget_s"] = min(train.get("time_budget_s", cap), cap)
+                if self.budget is not None:  # the seconds it was given, which like:RUN reads from eval.json
+                    self.budget.allotted[role] = train["time_budget_s"]
         return dict(train, precision=a.precision, device=a.device, seed=a.seed, progress=not a.quiet)
 
     def _finish(self, role: str, key: str, t0: float) -> None:
@@ -420,6 +423,10 @@ class Pipeline:
         """Train the student (``label`` names its time in the timings, default the preset's name)."""
         t0 = time.perf_counter()
         cfg = self.student_config(preset, teachers, options, name)
+        done = Path(cfg.run_dir) / DONE
+        given = json.loads(done.read_text()).get("time_budget_s") if done.is_file() else None
+        if given and self.budget is not None:  # finished earlier: the seconds it trained in, not those left now
+            self.budget.allotted["student"] = given
         best = train_stage(cfg, self.splits, console=console, dist=self.dist)
         self._finish("student", f"{label or preset}_s", t0)
         return best

@@ -81,6 +81,7 @@ def train_stage(cfg: ExperimentConfig, splits: Splits | None = None, *, console:
     if dist is None or dist.is_main:
         done.write_text(json.dumps({"best": result.best, "epochs": result.epoch, "digest": cfg.digest(),
                                     "stage_budget_s": cfg.train.stage_budget_s,
+                                    "time_budget_s": cfg.train.time_budget_s,
                                     "seconds_this_call": time.perf_counter() - t0}, indent=2))
     if console is not None:
         best = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.best.items()}

@@ -114,6 +114,8 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
     stopped = json.loads((student / "eval.json").read_text())
     assert [r["attack"] for r in stopped["rows"]] == ["fgsm", "pgd_sat"] and stopped["stopped"]
     assert stopped["skipped"] == ["the rest (stopped by a signal)"]
+    # what like:mtard reads after this call: the seconds the student trained in, not those the budget had left now
+    assert stopped["budget"]["stages"]["student"]["allotted_s"] == seconds
 
     cache = run_dir / "teachers"
     entries = sorted(cache.iterdir())
@@ -266,10 +268,12 @@ def test_every_lever_is_a_command_line_option_and_bad_values_end_before_any_trai
     for allot in (False, True):  # under the time left (219.5 s is the student's nominal share), the cap names it
         t = timed.student_config("mtard", student_teachers(tmp_path), allot=allot).train
         assert t.stage_budget_s == 150 and t.time_budget_s == (150 if allot else None)
+    assert timed.budget.allotted["student"] == 150  # the seconds it is given, which like:RUN reads
     assert timed.teacher_config("adv", allot=False).train.stage_budget_s == round(timed.budget.nominal("adv"), 1)
     ample = example.Pipeline(example.parser().parse_args([*args, "--budget", "540", "--student-seconds", "300"]))
     t = ample.student_config("mtard", student_teachers(tmp_path)).train  # above the share: still its own name
     assert t.stage_budget_s == 300 and t.time_budget_s == pytest.approx((540 - 8 - 160) * 0.59, abs=1)
+    assert ample.budget.allotted["student"] == t.time_budget_s
     alone = example.Pipeline(example.parser().parse_args([*args, "--student-seconds", "30"]))
     t = alone.student_config("mtard", student_teachers(tmp_path)).train
     assert t.stage_budget_s == 30 and t.time_budget_s == 30
