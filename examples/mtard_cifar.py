@@ -316,17 +316,15 @@ class Pipeline:
         train = {**(defaults or {}), **self.plan["train"], **self.plan[role].get("train", {}), **overrides}
         if train.get("epochs") is None:
             train.pop("epochs", None)
+        cap = a.student_seconds if role == "student" else None  # a lever timed like the reference's student
         if self.budget is not None and role in self.budget.shares:
             train["stage_budget_s"] = round(self.budget.nominal(role), 1)
-            if allot:
-                train["time_budget_s"] = self.budget.allot(role)
-        cap = a.student_seconds
-        if role == "student" and cap:  # a lever timed like the reference's student (its folder named by the cap)
+            if allot:  # recorded as allotted (eval.json), which like:RUN reads
+                train["time_budget_s"] = self.budget.allot(role, at_most=cap)
+        if cap:  # its folder named by the cap
             train["stage_budget_s"] = cap
             if allot:
                 train["time_budget_s"] = min(train.get("time_budget_s", cap), cap)
-                if self.budget is not None:  # the seconds it was given, which like:RUN reads from eval.json
-                    self.budget.allotted[role] = train["time_budget_s"]
         return dict(train, precision=a.precision, device=a.device, seed=a.seed, progress=not a.quiet)
 
     def _finish(self, role: str, key: str, t0: float) -> None:

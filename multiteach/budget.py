@@ -57,8 +57,9 @@ class TimeBudget:
             raise KeyError(f"unknown stage {stage!r}: the budget has {', '.join(self.shares)}")
         return max(self.total_s - self.reserve_s, 0.0) * self.shares[stage] / sum(self.shares.values())
 
-    def allot(self, stage: str) -> float:
-        """Start ``stage``: its share of the time left before the reserve, among the stages not yet run."""
+    def allot(self, stage: str, at_most: float | None = None) -> float:
+        """Start ``stage``: its share of the time left before the reserve, among the stages not yet run (or
+        ``at_most`` seconds, if fewer: a stage timed like another run's)."""
         if stage not in self.shares:
             raise KeyError(f"unknown stage {stage!r}: the budget has {', '.join(self.shares)}")
         pending = [s for s in self.shares if s not in self.spent and s not in self._open]
@@ -67,6 +68,8 @@ class TimeBudget:
         weight = sum(self.shares[s] for s in pending)
         # never zero: a stage that starts late still trains its minimum (one epoch), so the run ends with a table
         seconds = max(max(self.left() - self.reserve_s, 0.0) * self.shares[stage] / weight, 1.0)
+        if at_most is not None:
+            seconds = min(seconds, at_most)
         self.allotted[stage] = seconds
         self._open[stage] = self.clock()
         return seconds

@@ -40,6 +40,12 @@ def test_stages_share_the_time_left_before_the_reserve():
     assert b.left() == pytest.approx(20.0)  # exactly the reserve is left
 
 
+def test_a_stage_given_at_most_some_seconds_is_allotted_those():
+    b = TimeBudget(100, {"a": 1, "b": 3}, reserve_s=20, clock=FakeClock())
+    assert b.allot("a", at_most=5) == 5 and b.allotted["a"] == 5  # under its share of 20: the cap, recorded
+    assert b.allot("b", at_most=1000) == pytest.approx(80)  # over its share (the rest before the reserve): that
+
+
 def test_an_overrun_shortens_the_later_stages_and_keeps_the_deadline():
     clk = FakeClock()
     b = TimeBudget(120, {"a": 1, "b": 1, "c": 2}, clock=clk)
