@@ -4,7 +4,8 @@ Two pieces, both driven by an injectable clock (tests use a fake one):
 
 * :class:`TimeBudget` splits one deadline among named stages. Each stage, when it starts, gets its share of
   the time *still left* (after the seconds reserved for evaluation), so a stage that ran long shortens the
-  ones after it instead of pushing the run past its deadline.
+  ones after it instead of pushing the run past its deadline. An earlier hard ``deadline`` (a scheduler's wall
+  limit, a device call's) shortens what is left without renaming the stages.
 * :class:`EpochPlanner` turns one stage's seconds into an epoch count from the throughput measured in the
   stage's first steps (after the warm-up steps that autotune and capture graphs), and shortens the plan at an
   epoch end if the stage runs behind: by the median of its last epochs' wall times and the recurring cost of its
@@ -27,16 +28,21 @@ Clock = Callable[[], float]
 
 class TimeBudget:
     """``total_s`` seconds from ``start`` (default: now), shared by ``shares`` (stage -> weight), with
-    ``reserve_s`` seconds kept back for what follows the stages (evaluation, the table)."""
+    ``reserve_s`` seconds kept back for what follows the stages (evaluation, the table).
+
+    ``deadline`` (a time on ``clock``), if given, is a hard end before ``start + total_s``: a call with less time
+    than its budget. It shortens the time :meth:`left`, so the stages and the evaluation fit it, but not
+    :meth:`nominal`: the stages keep the names the budget gives them (cached teachers stay found)."""
 
     def __init__(self, total_s: float, shares: Mapping[str, float], reserve_s: float = 0.0,
-                 clock: Clock = time.perf_counter, start: float | None = None) -> None:
+                 clock: Clock = time.perf_counter, start: float | None = None, deadline: float | None = None) -> None:
         if total_s <= 0:
             raise ValueError(f"the time budget must be > 0 seconds, got {total_s}")
         if not shares or any(w <= 0 for w in shares.values()):
             raise ValueError(f"stage shares must be positive weights, got {dict(shares)}")
         self.total_s, self.shares, self.reserve_s, self.clock = float(total_s), dict(shares), float(reserve_s), clock
         self.start = clock() if start is None else start
+        self.deadline = deadline
         self.spent: dict[str, float] = {}
         self.allotted: dict[str, float] = {}
         self._open: dict[str, float] = {}
@@ -45,8 +51,9 @@ class TimeBudget:
         return self.clock() - self.start
 
     def left(self) -> float:
-        """Seconds until the deadline (negative once past it)."""
-        return self.total_s - self.elapsed()
+        """Seconds until the budget's end or the hard deadline, whichever comes first (negative once past it)."""
+        left = self.total_s - self.elapsed()
+        return left if self.deadline is None else min(left, self.deadline - self.clock())
 
     def nominal(self, stage: str) -> float:
         """``stage``'s share of the budget less the reserve, whatever the stages before it took: what names a
@@ -57,9 +64,10 @@ class TimeBudget:
             raise KeyError(f"unknown stage {stage!r}: the budget has {', '.join(self.shares)}")
         return max(self.total_s - self.reserve_s, 0.0) * self.shares[stage] / sum(self.shares.values())
 
-    def allot(self, stage: str, at_most: float | None = None) -> float:
+    def allot(self, stage: str, at_most: float | None = None, hold_s: float | None = None) -> float:
         """Start ``stage``: its share of the time left before the reserve, among the stages not yet run (or
-        ``at_most`` seconds, if fewer: a stage timed like another run's)."""
+        ``at_most`` seconds, if fewer: a stage timed like another run's). ``hold_s``: the seconds to keep back
+        instead of the reserve (the last stage, before an evaluation of fewer rows than the reserve is sized for)."""
         if stage not in self.shares:
             raise KeyError(f"unknown stage {stage!r}: the budget has {', '.join(self.shares)}")
         pending = [s for s in self.shares if s not in self.spent and s not in self._open]
@@ -67,7 +75,8 @@ class TimeBudget:
             raise ValueError(f"stage {stage!r} was already started")
         weight = sum(self.shares[s] for s in pending)
         # never zero: a stage that starts late still trains its minimum (one epoch), so the run ends with a table
-        seconds = max(max(self.left() - self.reserve_s, 0.0) * self.shares[stage] / weight, 1.0)
+        hold = self.reserve_s if hold_s is None else hold_s
+        seconds = max(max(self.left() - hold, 0.0) * self.shares[stage] / weight, 1.0)
         if at_most is not None:
             seconds = min(seconds, at_most)
         self.allotted[stage] = seconds
@@ -84,7 +93,8 @@ class TimeBudget:
         self.spent[stage] = 0.0
 
     def summary(self) -> dict[str, Any]:
-        return {"budget_s": self.total_s, "elapsed_s": round(self.elapsed(), 1),
+        wall = {} if self.deadline is None else {"deadline_in_s": round(self.deadline - self.start, 1)}
+        return {"budget_s": self.total_s, **wall, "elapsed_s": round(self.elapsed(), 1),
                 "stages": {s: {"allotted_s": round(self.allotted.get(s, 0.0), 1), "spent_s": round(t, 1)}
                            for s, t in self.spent.items()}}
 

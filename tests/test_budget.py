@@ -46,6 +46,37 @@ def test_a_stage_given_at_most_some_seconds_is_allotted_those():
     assert b.allot("b", at_most=1000) == pytest.approx(80)  # over its share (the rest before the reserve): that
 
 
+
+def test_a_hard_deadline_before_the_budgets_end_shortens_the_time_left_but_not_the_names():
+    """A call with less time than its budget (a device call's limit, a scheduler's): the stages and the reserve
+    fit the deadline, the stages' nominal shares (their cache names) stay the budget's."""
+    clk = FakeClock(1000.0)
+    plain = TimeBudget(540, {"a": 1, "b": 3}, reserve_s=40, clock=clk)
+    b = TimeBudget(540, {"a": 1, "b": 3}, reserve_s=40, clock=clk, deadline=1000.0 + 200)
+    assert b.nominal("a") == plain.nominal("a") == pytest.approx(125.0)
+    assert b.left() == pytest.approx(200.0) and plain.left() == pytest.approx(540.0)
+    assert b.allot("a") == pytest.approx((200 - 40) / 4)
+    clk.t += 40.0
+    b.finish("a")
+    assert b.allot("b", at_most=500) == pytest.approx(200 - 40 - 40)  # the rest before the reserve, not the cap
+    clk.t += 120.0
+    assert b.left() == pytest.approx(40.0)  # the reserve, before the deadline
+    assert b.summary()["deadline_in_s"] == 200.0 and "deadline_in_s" not in plain.summary()
+    far = TimeBudget(100, {"a": 1}, clock=clk, deadline=clk.t + 1000)  # a deadline after the budget's end: the budget
+    assert far.left() == pytest.approx(100.0)
+
+
+def test_the_last_stage_may_hold_back_less_than_the_reserve_under_the_same_name():
+    """Before an evaluation without its slowest row the last stage keeps back less than the reserve the budget
+    was sized for, and gets the difference; its nominal share (its name) stays."""
+    clk = FakeClock()
+    b = TimeBudget(540, {"a": 1, "b": 3}, reserve_s=160, clock=clk)
+    assert b.allot("a") == pytest.approx(380 / 4)
+    clk.t = 95.0
+    b.finish("a")
+    assert b.allot("b", hold_s=60) == pytest.approx(540 - 95 - 60)
+    assert b.nominal("b") == pytest.approx(380 * 3 / 4)
+
 def test_an_overrun_shortens_the_later_stages_and_keeps_the_deadline():
     clk = FakeClock()
     b = TimeBudget(120, {"a": 1, "b": 1, "c": 2}, clock=clk)

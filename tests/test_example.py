@@ -156,13 +156,15 @@ def test_reference_wrapper_then_three_teachers_reusing_the_cached_teachers(cifar
 
 def test_reference_wrapper_out_of_time_still_ends_with_an_evaluated_student(cifar_slice, tmp_path):
     """A budget far too small: every stage trains its minimum (one epoch), the student's PGD_SAT row runs
-    regardless, the rows that do not fit are listed as skipped, and the run exits 0 with its table."""
+    regardless, the rows that do not fit are listed as skipped, and the run exits 0 with its table. WALL reaches
+    the example as its hard deadline (here after the budget's end: the budget binds)."""
     out = tmp_path / "out"
-    proc = run_reference(out, tmp_path / "ref", cifar_slice, 1, "--eval-n", "32")
+    proc = run_reference(out, tmp_path / "ref", cifar_slice, 1, "--eval-n", "32", wall="900")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "eval.json").read_text())
     assert [r["attack"] for r in result["rows"]] == ["pgd_sat"]
     assert result["skipped"] and all(s["spent_s"] > 0 for s in result["budget"]["stages"].values())
+    assert result["budget"]["deadline_in_s"] == 900 - 2  # WALL less the tiny plan's exit margin
     assert "Test set, n = 32" in proc.stdout
 
 
@@ -272,8 +274,26 @@ def test_every_lever_is_a_command_line_option_and_bad_values_end_before_any_trai
     assert timed.teacher_config("adv", allot=False).train.stage_budget_s == round(timed.budget.nominal("adv"), 1)
     ample = example.Pipeline(example.parser().parse_args([*args, "--budget", "540", "--student-seconds", "300"]))
     t = ample.student_config("mtard", student_teachers(tmp_path)).train  # above the share: still its own name
-    assert t.stage_budget_s == 300 and t.time_budget_s == pytest.approx((540 - 8 - 160) * 0.59, abs=1)
+    # (its share of the time before the 35 s a table without AutoAttack needs, not before the 160-s reserve)
+    assert t.stage_budget_s == 300 and t.time_budget_s == pytest.approx((540 - 8 - 35) * 0.59, abs=1)
     assert ample.budget.allotted["student"] == t.time_budget_s
+    walled = example.Pipeline(example.parser().parse_args(  # a call with 300 s left of a 540-s budget
+        [*args, "--budget", "540", "--wall", "300", "--started-at", str(time.time()), "--student-seconds", "250",
+         "--autoattack"]))
+    t = walled.student_config("mtard", student_teachers(tmp_path)).train  # its share of the time to its wall
+    assert t.stage_budget_s == 250 and t.time_budget_s == pytest.approx((300 - 8 - 160) * 0.59, abs=1)
+    lean = example.Pipeline(example.parser().parse_args(  # no AutoAttack row: the student keeps back 35 s, not 160
+        [*args, "--budget", "540", "--wall", "300", "--started-at", str(time.time()), "--no-autoattack"]))
+    for role in ("nat", "adv"):  # the teachers keep back the whole reserve: one teacher per name
+        assert lean.teacher_config(role).train.time_budget_s == pytest.approx(lean.budget.allotted[role])
+        lean.budget.finish(role)
+    assert lean.budget.allotted["adv"] == pytest.approx((300 - 8 - 160) * 0.325 / 0.915, abs=1)
+    t = lean.student_config("mtard", student_teachers(tmp_path)).train
+    # the teachers took no time here: the student gets all of it up to the wall, less the 35 s
+    assert t.time_budget_s == pytest.approx(300 - 8 - 35, abs=1)
+    assert t.stage_budget_s == round(walled.budget.nominal("student"), 1)
+    assert walled.budget.nominal("adv") == timed.budget.nominal("adv")  # the teachers' names: the budget's
+    assert walled.budget.summary()["deadline_in_s"] == 300 - 8
     alone = example.Pipeline(example.parser().parse_args([*args, "--student-seconds", "30"]))
     t = alone.student_config("mtard", student_teachers(tmp_path)).train
     assert t.stage_budget_s == 30 and t.time_budget_s == 30
@@ -284,7 +304,8 @@ def test_every_lever_is_a_command_line_option_and_bad_values_end_before_any_trai
     bad = {"--option reduction=maen": "reduction", "--option bogus=1": "not an option of preset 'mtard'",
            "--adv-option steps=0": "steps must be >= 1", "--share adv=1": "give --budget",
            "--budget 60 --share adv=0": "positive weight", "--budget 60 --share teacher=1": "one of nat, adv, student",
-           "--budget 60 --share adv=inf": "positive weight",
+           "--budget 60 --share adv=inf": "positive weight", "--wall 200": "--wall shapes a time budget",
+           "--budget 60 --wall 0": "--wall: give the seconds", "--budget 60 --wall nan": "--wall: give the seconds",
            "--preset rslad --option beta=1": "not an option of preset 'rslad'",
            "--student-seconds 0": "--student-seconds: give seconds (> 0) or like:RUN",
            "--student-seconds like:mtard": "--student-seconds like:mtard: no evaluated run found",
@@ -387,7 +408,8 @@ def test_a_budget_names_its_stages_and_the_students_folder_is_checked_before_any
         Path(checkpoint).parent.mkdir(parents=True)
         Path(checkpoint).write_bytes(b"")
     assert run.student_config("mtard", teachers).digest() == planned.digest()
-    assert run.budget.allotted == {"student": pytest.approx((540 - 8 - 160) * 0.59, abs=1)}  # only this allots
+    # only this allots (before a table without AutoAttack, 35 s, not the 160-s reserve)
+    assert run.budget.allotted == {"student": pytest.approx((540 - 8 - 35) * 0.59, abs=1)}
     shutil.rmtree(tmp_path / "teachers")
 
     student = tmp_path / "runs" / "mtard"  # a finished student of another configuration
