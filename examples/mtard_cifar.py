@@ -34,6 +34,7 @@ from rich.console import Console
 
 from multiteach.budget import TimeBudget
 from multiteach.build import build_recipe, eval_tensors, load_splits
+from multiteach.checkpoint import atomic_write_json
 from multiteach.config import DataConfig, ExperimentConfig, apply_override, planned_checkpoints
 from multiteach.distributed import DistContext
 from multiteach.evaluation import (
@@ -46,11 +47,11 @@ from multiteach.evaluation import (
     standard_attacks,
 )
 from multiteach.pipeline import (
-    DONE,
     StageStopped,
     cache_entry,
     check_run_dir,
     evaluate_checkpoint,
+    read_done,
     run_command,
     stage_config,
     train_cached,
@@ -198,7 +199,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the reference table with TF32 allowed (and one strict-fp32 check row); default: the "
                         "plan's (speedrun: on)")
     p.add_argument("--black-box", action="store_true", help="add transfer (from the adversarial teacher) and Square")
-    p.add_argument("--slow-n", type=int, help="run AutoAttack and the black-box rows on the first n images only")
+    p.add_argument("--slow-n", type=int, help="run AutoAttack and the black-box rows on the first n images only "
+                                              "(default: all; under --budget, the plan's first 1,000)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -442,12 +444,12 @@ class Pipeline:
         """Train the student (``label`` names its time in the timings, default the preset's name)."""
         t0 = time.perf_counter()
         cfg = self.student_config(preset, teachers, options, name)
-        done = Path(cfg.run_dir) / DONE
-        given = json.loads(done.read_text()).get("time_budget_s") if done.is_file() else None
+        done = read_done(cfg.run_dir)
+        given = done.get("time_budget_s") if done is not None else None
         if given and self.budget is not None:  # finished earlier: the seconds it trained in, not those left now
             self.budget.allotted["student"] = given
         cap = self.args.student_seconds
-        if not done.is_file() and cap and cfg.train.time_budget_s is not None and cfg.train.time_budget_s < cap - 1:
+        if done is None and cap and cfg.train.time_budget_s is not None and cfg.train.time_budget_s < cap - 1:
             console.log(f"[bold red]student: {cfg.train.time_budget_s:.0f} s of the {cap:.0f} s of --student-seconds"
                         " are left before the evaluation's reserve (--budget, --wall): it is not timed like the run "
                         "it is compared with")
@@ -471,6 +473,7 @@ class Pipeline:
             attacks.update(black_box_attacks(net))
         t0 = time.perf_counter()
         model = model or a.student or self.plan["student"]["model"]
+        torch.manual_seed(a.seed)  # the attacks' random starts
         report = evaluate_checkpoint(model, best, self.splits, attacks, device, a.eval_n or self.plan["eval_n"],
                                      slow_subsets(a.slow_n), tf32=self.eval_tf32)
         self.timings[f"{preset}_eval_s"] = time.perf_counter() - t0
@@ -479,6 +482,13 @@ class Pipeline:
         report.save_json((out or best.parent) / "eval.json")
         return report.to_dict()
 
+
+    def slow_n(self, n: int) -> int:
+        """Images of the ``n`` evaluated for AutoAttack and the black-box rows: --slow-n, else the plan's first
+        images under a time budget, else all ``n`` (the full-test-set protocol)."""
+        if self.args.slow_n:
+            return min(self.args.slow_n, n)
+        return min(self.plan.get("budget", DEFAULT_BUDGET)["autoattack_n"], n) if self.budget is not None else n
 
     def reference_table(self, preset: str, best: Path, teachers: dict[str, tuple[str, str]]) -> dict:
         """The student's table beside its adversarial teacher's (the speedrun's is a SAT model: the paper's MTARD
@@ -510,12 +520,13 @@ class Pipeline:
         student, *rest = models
         t0 = time.perf_counter()
         rows = standard_attacks()
-        aa_n = a.slow_n or self.plan.get("budget", DEFAULT_BUDGET)["autoattack_n"]
+        aa_n = self.slow_n(len(y))
         aa = AutoAttack() if a.autoattack else None
         nat_clean = None
 
         def run_rows() -> None:
             nonlocal nat_clean
+            torch.manual_seed(a.seed)  # the attacks' random starts: the same table from the same checkpoints
             ev.clean(student, models[student])
             for name, attack in rows.items():
                 ev.row(student, models[student], name, attack, required=name == "pgd_sat")
@@ -554,7 +565,7 @@ class Pipeline:
                   "budget": self.budget.summary() if self.budget is not None else None,
                   "student_seconds": a.student_seconds,
                   "data": a.data_dir or "torchvision", "preset": preset, "environment": self.environment}
-        (best.parent / "eval.json").write_text(json.dumps(result, indent=2))
+        atomic_write_json(result, best.parent / "eval.json")  # a kill mid-write leaves the previous table
         self.result_table = reference_rich_table(ev.reports, self.timings, ev.skipped, ev.tf32, gap)
         return result
 
@@ -591,7 +602,7 @@ def reference_rich_table(reports: dict, timings: dict[str, float], skipped: list
     t = Table(title=f"Test set, n = {n} ({precision_label(tf32)}, eval mode, L-inf eps 8/255)",
               caption=(f"W-Robust, student - adversarial teacher (points): {versus}\n" if versus else "")
               + "stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-              + (f"; skipped for time: {', '.join(skipped)}" if skipped else ""))
+              + (f"; not run: {', '.join(skipped)}" if skipped else ""))
     for col in ("model", "attack", "n", "clean %", "robust %", "W-Robust %", "s"):
         t.add_column(col, justify="left" if col in ("model", "attack") else "right")
     for name, rep in reports.items():

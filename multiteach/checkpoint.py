@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,18 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
     A write that fails (a full disk, a file-size limit, an unwritable folder) removes its temp file, keeps the
     previous ``path`` and raises :class:`CheckpointWriteError` naming the file and the fix."""
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON, atomically as :func:`atomic_save` does: a kill mid-write leaves the old
+    file or the new one (a run's done.json, run.json), never a torn one that a rerun could not read."""
+    text = json.dumps(obj, indent=2).encode()
+    return _atomic_write(path, lambda f: f.write(text))
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], Any]) -> Path:
+    """``write(f)`` into a temp file beside ``path`` (fsynced), then renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -64,7 +78,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     try:
         with open(tmp, "wb") as f:
             writer = _RecordingWriter(f)
-            torch.save(obj, writer)
+            write(writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -193,5 +207,5 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
-__all__ = ["CheckpointError", "CheckpointWriteError", "atomic_save", "load_checkpoint", "load_weights",
-           "remove_stale_temps", "state_dict_of"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "atomic_save", "atomic_write_json", "load_checkpoint",
+           "load_weights", "remove_stale_temps", "state_dict_of"]

@@ -11,7 +11,6 @@ from the AutoAttack authors' package (pyautoattack).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import atomic_write_json
 from .data import Images
 from .registry import ATTACKS
 from .runtime import tf32 as tf32_mode
@@ -192,10 +192,8 @@ class Report:
                 "worst": asdict(self.worst) if self.worst else None, "meta": self.meta}
 
     def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
+        """Written atomically: a kill mid-write leaves the previous table, never a torn one."""
+        return atomic_write_json(self.to_dict(), path)
 
     @property
     def precision(self) -> str:
@@ -400,7 +398,9 @@ class TimedEvaluation:
         while lo < n:
             fits = [c for c in sizes
                     if required or self.predict(attack, min(c, n - lo), model_name) <= self.left() - self.margin_s]
-            if not fits:
+            if not fits:  # the images left, listed as not run (the row reports those done)
+                if lo:
+                    self.skipped.append(f"{model_name}/{name}: images {lo}-{n} (no time left)")
                 break
             hi = min(lo + fits[0], n)
             t1 = time.perf_counter()
@@ -438,7 +438,7 @@ class TimedEvaluation:
             own[0], own[1] = own[0] + seconds, own[1] + self._model_time(attack, hi - lo, model_name)
             lo = hi
         if lo == 0:
-            self.skipped.append(f"{model_name}/{name}")
+            self.skipped.append(f"{model_name}/{name} (no time left)")
             return None
         k = lo
         mask = torch.cat(done)

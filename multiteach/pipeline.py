@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from rich.console import Console
 
 from .build import Splits, build_trainer, eval_tensors
+from .checkpoint import atomic_write_json
 from .config import ExperimentConfig, ModelConfig, digested
 from .distributed import DistContext
 from .engine.checkpointer import ConfigMismatchError, config_diff
@@ -63,14 +64,32 @@ def cache_entry(cfg: ExperimentConfig, cache_dir: str | Path) -> Path:
     return Path(cache_dir) / f"{cfg.preset}-{cfg.student.model}-seed{cfg.train.seed}-{cfg.digest()}"
 
 
+def read_done(run_dir: str | Path) -> dict[str, Any] | None:
+    """The record of a finished stage (``run_dir/done.json``: its best epoch, epochs, digest, budgets), or None
+    when the stage has not finished. An unreadable record is a ValueError naming the file and the fix."""
+    done = Path(run_dir) / DONE
+    if not done.is_file():
+        return None
+    try:
+        record = json.loads(done.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = "it is empty" if isinstance(e, json.JSONDecodeError) and not e.doc.strip() else str(e)
+        raise ValueError(f"{done} cannot be read ({why}): delete it and run again (the stage resumes from its "
+                         "last.pt, if any, and writes done.json anew)") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{done} holds no record of a finished stage: delete it and run again (the stage resumes "
+                         "from its last.pt, if any, and writes done.json anew)")
+    return record
+
+
 def train_stage(cfg: ExperimentConfig, splits: Splits | None = None, *, console: Console | None = None,
                 dist: DistContext | None = None) -> Path:
-    """Train (or resume, or skip if finished) the run ``cfg.run_dir``; returns its validation-selected best.pt."""
+    """Train (or resume, or skip if finished) the run ``cfg.run_dir``; returns its best.pt (selected on
+    validation; without validation, the final weights)."""
     run_dir = Path(cfg.run_dir)
-    done = run_dir / DONE
     check_run_dir(cfg)
-    if done.is_file():
-        finished = json.loads(done.read_text())
+    finished = read_done(run_dir)
+    if finished is not None:
         if console is not None:
             console.log(f"{run_dir}: finished earlier ({finished.get('best')}), skipped")
         return run_dir / "best.pt"
@@ -79,13 +98,12 @@ def train_stage(cfg: ExperimentConfig, splits: Splits | None = None, *, console:
     if result.status != "finished":
         raise StageStopped(f"{run_dir}: {result.status}; run the same command again to resume")
     if dist is None or dist.is_main:
-        done.write_text(json.dumps({"best": result.best, "epochs": result.epoch, "digest": cfg.digest(),
-                                    "stage_budget_s": cfg.train.stage_budget_s,
-                                    "time_budget_s": cfg.train.time_budget_s,
-                                    "seconds_this_call": time.perf_counter() - t0}, indent=2))
+        atomic_write_json({"best": result.best, "epochs": result.epoch, "digest": cfg.digest(),
+                           "stage_budget_s": cfg.train.stage_budget_s, "time_budget_s": cfg.train.time_budget_s,
+                           "seconds_this_call": time.perf_counter() - t0}, run_dir / DONE)
     if console is not None:
         best = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.best.items()}
-        console.log(f"[bold]{run_dir}[/]: {result.epoch} epochs, best on validation {best} "
+        console.log(f"[bold]{run_dir}[/]: {result.epoch} epochs, best.pt {best} "
                     f"({time.perf_counter() - t0:.0f} s this call)")
     return run_dir / "best.pt"
 
@@ -94,12 +112,12 @@ def check_run_dir(cfg: ExperimentConfig) -> None:
     """Refuse a run folder that holds a finished or stopped run of another configuration (naming the first
     settings that differ), so a pipeline can check its last stage's folder before its first stage trains."""
     run_dir = Path(cfg.run_dir)
-    done, last = run_dir / DONE, run_dir / "last.pt"
-    if done.is_file():
-        finished = json.loads(done.read_text())
+    last = run_dir / "last.pt"
+    finished = read_done(run_dir)
+    if finished is not None:
         digest, what, recorded = finished.get("digest"), "finished", run_dir / "best.pt"
-        if digest == cfg.digest() and "stage_budget_s" not in finished and cfg.train.stage_budget_s is None:
-            _refuse_unnamed_budget(recorded, cfg)
+        if digest == cfg.digest() and cfg.train.stage_budget_s is None:
+            _refuse_unnamed_budget(finished, recorded, cfg)
     elif last.is_file():  # (a damaged one: the trainer's resume says what is wrong with it)
         digest, what, recorded = _recorded(last).get("digest"), "stopped", last
     else:
@@ -110,14 +128,22 @@ def check_run_dir(cfg: ExperimentConfig) -> None:
                                   "to train this configuration")
 
 
-def _refuse_unnamed_budget(best: Path, cfg: ExperimentConfig) -> None:
-    """A run finished under a time budget before budgets named their stages has the digest of an unbudgeted run:
-    refused, not reused as one (a teacher of a 75-s smoke run is not the 30-epoch one asked for)."""
-    train = _recorded(best).get("config", {}).get("train", {})
-    if train.get("time_budget_s") is not None:
-        raise ConfigMismatchError(f"{best.parent} holds a run trained under a {train['time_budget_s']:.0f}-s time "
-                                  "budget (written before budgets named their stages), not this unbudgeted "
-                                  "configuration: remove it, or use another folder")
+def _refuse_unnamed_budget(finished: dict[str, Any], best: Path, cfg: ExperimentConfig) -> None:
+    """The digest leaves out ``time_budget_s`` (the time left when a stage starts): a run finished under a time
+    budget that no ``stage_budget_s`` names has the digest of the unbudgeted run. Refused, not reused, where one
+    of the two is budgeted and the other not (a teacher of a 75-s smoke run is not the 30-epoch one asked for)."""
+    if "time_budget_s" in finished:
+        budget = finished["time_budget_s"]
+    else:  # done.json written before it recorded budgets: best.pt's config says
+        budget = _recorded(best).get("config", {}).get("train", {}).get("time_budget_s")
+    asked = cfg.train.time_budget_s
+    if (budget is None) == (asked is None):
+        return
+    held = f"a run trained under a {budget:.0f}-s time budget" if budget is not None else "an unbudgeted run"
+    wanted = f"a {asked:.0f}-s time budget" if asked is not None else "no time budget"
+    raise ConfigMismatchError(f"{best.parent} holds {held}, and this configuration asks for {wanted} without "
+                              "naming its stage: set stage_budget_s to name a budgeted stage, or remove that folder "
+                              "(or use another) to train this configuration")
 
 
 def _differences(recorded: Path, cfg: ExperimentConfig) -> str:
@@ -180,5 +206,5 @@ def stage_config(preset: str, model: str | ModelConfig, data: Any, run_dir: str 
     )
 
 
-__all__ = ["StageStopped", "cache_entry", "check_run_dir", "evaluate_checkpoint", "run_command", "stage_config",
-           "train_cached", "train_stage"]
+__all__ = ["StageStopped", "cache_entry", "check_run_dir", "evaluate_checkpoint", "read_done", "run_command",
+           "stage_config", "train_cached", "train_stage"]

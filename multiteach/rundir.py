@@ -7,6 +7,7 @@ this host is stale and taken over, so a resume after SIGKILL is never blocked.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -53,18 +54,33 @@ class RunLock:
     def _mine(self, holder: dict | None) -> bool:
         return holder is not None and holder.get("pid") == self.me["pid"] and holder.get("host") == self.me["host"]
 
+    def _stale(self, holder: dict | None) -> bool:
+        """An unreadable lock, this process's own, or one of a process of this host that is gone."""
+        if holder is None or self._mine(holder):
+            return True
+        pid = holder.get("pid")
+        return not isinstance(pid, int) or (holder.get("host") == self.me["host"] and not pid_alive(pid))
+
+    def _take_over(self) -> None:
+        """Remove a stale lock, under an flock on a guard file and only if it is still stale there: two processes
+        that both found it stale would otherwise both remove it, the slower one removing the faster one's new
+        lock, and both would train. The guard file stays (removing it would let a third process lock another)."""
+        with open(self.path.with_name(LOCK + ".takeover"), "a") as guard:
+            try:
+                fcntl.flock(guard, fcntl.LOCK_EX)  # released when the file closes, or when its process dies
+            except OSError:  # a filesystem without flock: unguarded, as before
+                pass
+            if self._stale(self._holder()):
+                self.path.unlink(missing_ok=True)
+
     def acquire(self) -> None:
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if holder is None or self._mine(holder):
-                    self.path.unlink(missing_ok=True)
-                    continue
-                pid = holder.get("pid")
-                if not isinstance(pid, int) or (holder.get("host") == self.me["host"] and not pid_alive(pid)):
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                if self._stale(holder):
+                    self._take_over()  # checked again there: another process may have taken it over meanwhile
                     continue
                 raise RunDirBusyError(
                     f"run directory {str(self.path.parent)!r} is in use by process {holder.get('pid')} on "

@@ -17,7 +17,7 @@ from torch import nn
 import multiteach as mt
 from multiteach.data import TensorLoader, synthetic
 from multiteach.distributed import DistContext
-from tests.conftest import tiny_net
+from tests.conftest import SignalAtStep, tiny_net
 
 pytestmark = pytest.mark.skipif(not tdist.is_available(), reason="torch.distributed not built")
 
@@ -120,6 +120,35 @@ def test_a_dead_rank_ends_the_job_with_a_clear_error(tmp_path):
         spawn(tmp_path, fail_rank=1)  # rank 0 must fail within the timeout (20 s), not hang
     err = (tmp_path / "error_rank0.txt").read_text()
     assert "LostRankError" in err and "lost contact with the other ranks" in err
+
+
+def _stop_entry(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 1 alone gets SIGTERM in the last step of epoch 1 (of 3); each rank writes how its fit ended."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist = DistContext.from_env(backend="gloo", timeout_s=10)
+    recipe = make_recipe()
+    if rank == 1:
+        recipe.forward = SignalAtStep(recipe.forward, 2)
+    loader = TensorLoader(synthetic(GLOBAL_BATCH * 2, seed=0), GLOBAL_BATCH // world, shuffle=True, drop_last=True,
+                          seed=0, rank=rank, world=world)
+    cfg = mt.TrainConfig(epochs=3, batch_size=GLOBAL_BATCH // world, lr=0.05, schedule="constant", milestones=[],
+                         progress=False, eval_every=0, log_every=1)
+    try:
+        res = mt.Trainer(recipe, loader, cfg, dist=dist, run_dir=Path(out) / "run").fit()
+        Path(out, f"rank{rank}.json").write_text(json.dumps([res.status, res.epoch]))
+    finally:
+        dist.close()
+
+
+def test_a_signal_to_one_rank_at_an_epochs_end_stops_every_rank_there(tmp_path):
+    """The ranks agree on stopping at an epoch's end too: the signalled rank must not stop while the others
+    start the next epoch (a hang, then lost contact)."""
+    mp.spawn(_stop_entry, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ends = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ends == [["interrupted (signal on another rank)", 1], ["interrupted (SIGTERM)", 1]]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
 
 
 def test_torchrun_launches_the_cli_and_resumes_under_ddp(tmp_path):

@@ -308,7 +308,7 @@ def test_timed_rows_that_would_not_fit_are_skipped_and_required_rows_run(net_and
     p_costly = te.predict(costly, 64)  # now from the rate measured on the cheap row
     budget[0] = 5.0 + 0.99 * p_costly  # left() - margin_s just below the prediction: skipped, never called
     assert te.row("m", net, "costly", costly) is None and costly.calls == 0
-    assert te.skipped == ["m/costly"]
+    assert te.skipped == ["m/costly (no time left)"]
     budget[0] = 5.0 + 1.01 * p_costly  # just above: it runs
     assert te.row("m", net, "costly", costly).n == 64 and costly.calls == 1
 
@@ -317,7 +317,7 @@ def test_timed_rows_that_would_not_fit_are_skipped_and_required_rows_run(net_and
     forced = Counted(_pgd())
     row = te.row("m", net, "forced", forced, required=True)
     assert row is not None and row.n == 64 and forced.calls == 1
-    assert te.skipped == ["m/costly", "m/late"]
+    assert te.skipped == ["m/costly (no time left)", "m/late (no time left)"]
     assert [r.attack for r in te.reports["m"].rows] == ["cheap", "costly", "forced"]
 
 
@@ -330,7 +330,7 @@ def test_a_predicted_overrun_via_attack_cost_skips_the_row(net_and_data, monkeyp
     monkeypatch.setattr(ev, "attack_cost", lambda attack: 1e12)
     attack = Counted(_pgd())
     assert te.row("m", net, "pgd", attack) is None and attack.calls == 0
-    assert te.skipped == ["m/pgd"] and te.reports["m"].rows == []
+    assert te.skipped == ["m/pgd (no time left)"] and te.reports["m"].rows == []
 
 
 def test_a_chunked_row_stops_when_time_runs_out_and_reports_the_images_covered(net_and_data):
@@ -350,7 +350,7 @@ def test_a_chunked_row_stops_when_time_runs_out_and_reports_the_images_covered(n
     assert row.clean == pytest.approx(24 / 32)  # the first 32 images' clean accuracy, not all 64's (24 / 64)
     want = correct_mask(net, x[:32], y[:32], _pgd("none")).float().mean().item()
     assert row.robust == pytest.approx(want)
-    assert te.reports["m"].rows == [row] and te.skipped == []
+    assert te.reports["m"].rows == [row] and te.skipped == ["m/slow: images 32-48 (no time left)"]  # said, not lost
 
     budget[0] = 1e9  # with time left the whole n is covered, in chunks
     full = Counted(_pgd("none"))

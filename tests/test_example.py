@@ -295,6 +295,9 @@ def test_every_lever_is_a_command_line_option_and_bad_values_end_before_any_trai
     assert walled.budget.nominal("adv") == timed.budget.nominal("adv")  # the teachers' names: the budget's
     assert walled.budget.summary()["deadline_in_s"] == 300 - 8
     alone = example.Pipeline(example.parser().parse_args([*args, "--student-seconds", "30"]))
+    # AutoAttack's images: all of them without a budget (the protocol), the plan's first 1,000 under one
+    assert alone.slow_n(10000) == 10000 and timed.slow_n(10000) == 1000 and timed.slow_n(500) == 500
+    assert example.Pipeline(example.parser().parse_args([*args, "--slow-n", "250"])).slow_n(10000) == 250
     t = alone.student_config("mtard", student_teachers(tmp_path)).train
     assert t.stage_budget_s == 30 and t.time_budget_s == 30
     assert alone.teacher_config("adv").train.time_budget_s is None  # the teachers are not capped

@@ -4,6 +4,7 @@ an old log under a fresh start, stale checkpoint temp files, non-finite weights.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import warnings
@@ -59,6 +60,31 @@ def test_a_busy_run_dir_is_refused_naming_its_holder_and_a_dead_holder_does_not_
     assert res.status == "finished" and not (run_dir / LOCK).exists()
 
 
+def test_two_processes_that_find_the_same_stale_lock_do_not_both_take_it(tmp_path, monkeypatch):
+    """B finds a dead process's lock; before B removes it, A (another live process of this host) takes it over.
+    B must then see A's lock and be refused, not remove it and train beside A."""
+    from multiteach import rundir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    a, b = RunLock(tmp_path), RunLock(tmp_path)
+    a.me = {"pid": os.getppid(), "host": socket.gethostname()}  # a live process that is not this one
+    probe = rundir.pid_alive
+
+    def slow_probe(pid):  # B's liveness probe of the dead holder takes long enough for A to take over
+        alive = probe(pid)
+        if pid == dead.pid and not (tmp_path / "a.took").exists():
+            (tmp_path / "a.took").touch()
+            a.acquire()
+        return alive
+
+    monkeypatch.setattr(rundir, "pid_alive", slow_probe)
+    with pytest.raises(RunDirBusyError, match=f"in use by process {os.getppid()} "):
+        b.acquire()
+    assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getppid()  # A's lock is still there
+
+
 def test_the_lock_is_released_when_the_run_fails(tmp_path):
     trainer = _trainer(tmp_path)
     trainer.recipe.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
@@ -92,7 +118,7 @@ def test_stale_checkpoint_temp_files_are_removed_at_start(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".last.pt.tmp{int(dead.stdout)}"  # that process has exited
     stale.write_bytes(b"x" * 100)
-    mine = tmp_path / f".best.pt.tmp{os.getpid()}"  # a live writer's (this process) is left alone
+    mine = tmp_path / f".notes.pt.tmp{os.getpid()}"  # a live writer's (this process) is left alone
     mine.write_bytes(b"y")
     _trainer(tmp_path).fit()
     assert not stale.exists() and mine.exists()
@@ -629,8 +655,11 @@ def test_a_finished_stage_of_another_config_is_refused_not_reused(tmp_path):
     budgeted = cfg.model_copy(update={"train": cfg.train.model_copy(update={"stage_budget_s": 75.0})})
     with pytest.raises(ConfigMismatchError, match=r"finished run .*train.stage_budget_s: None -> 75.0"):
         train_stage(budgeted, splits)
+    # a time budget that no stage_budget_s names has the unbudgeted digest: refused, not reused (see below)
     timed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"time_budget_s": 75.0})})
-    assert train_stage(timed, splits) == best and best.stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigMismatchError, match="holds an unbudgeted run, and this configuration asks for a 75-s"):
+        train_stage(timed, splits)
+    assert best.stat().st_mtime_ns == stamp
     # a stopped run (last.pt, no done.json) is checked too, before anything trains
     (tmp_path / "run" / "done.json").unlink()
     check_run_dir(cfg)
@@ -646,3 +675,90 @@ def test_a_finished_stage_of_another_config_is_refused_not_reused(tmp_path):
     torch.save(ckpt, best)
     with pytest.raises(ConfigMismatchError, match="under a 75-s time budget"):
         check_run_dir(cfg)
+
+
+def _stage(run_dir, **train):
+    data = config.DataConfig(val_size=32, train_size=64)
+    train = dict(epochs=1, batch_size=32, lr=0.05, milestones=[], progress=False, eval_every=1, eval_pgd_steps=1,
+                 device="cpu") | train
+    splits = build.load_splits(data, synthetic_data=True)
+    return stage_config("natural", "cifar_resnet8", data, run_dir, **train), splits
+
+
+def test_a_stage_without_validation_keeps_its_final_weights_as_best_pt(tmp_path):
+    """eval_every=0 selects nothing: best.pt still exists (the final weights, recorded as such), or done.json
+    would send every later stage and rerun to a best.pt that is not there."""
+    from multiteach.checkpoint import load_checkpoint
+    from multiteach.teachers import load_model
+
+    cfg, splits = _stage(tmp_path / "run", eval_every=0)
+    best = train_stage(cfg, splits)
+    ckpt = load_checkpoint(best)
+    assert (ckpt["epoch"], ckpt["weights"], ckpt["metrics"]) == (1, "last", {})
+    assert ckpt["experiment"]["digest"] == cfg.digest()
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert all(torch.equal(v, last["student"][k]) for k, v in ckpt["student"].items())
+    load_model("cifar_resnet8", best, 10)
+    assert train_stage(cfg, splits) == best  # skipped, and it is there
+
+
+def test_a_time_budget_no_stage_names_is_not_reused_as_the_full_recipe(tmp_path):
+    """time_budget_s is not in the digest (it is the time left when a stage starts): a run cut by a budget that
+    no stage_budget_s names must not be passed off as the unbudgeted recipe of the same digest."""
+    cfg, splits = _stage(tmp_path / "run", epochs=3, time_budget_s=0.01)
+    train_stage(cfg, splits)
+    full = cfg.model_copy(update={"train": cfg.train.model_copy(update={"time_budget_s": None})})
+    assert full.digest() == cfg.digest()
+    with pytest.raises(ConfigMismatchError, match=r"holds a run trained under a 0-s time budget.*set stage_budget_s"):
+        train_stage(full, splits)
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"time_budget_s": 600.0})})
+    assert train_stage(longer, splits) == tmp_path / "run" / "best.pt"  # budgeted both: the time left is no matter
+
+
+def test_an_unreadable_done_json_is_named_with_the_fix(tmp_path):
+    cfg, _ = _stage(tmp_path)
+    (tmp_path / "done.json").write_text("")
+    with pytest.raises(ValueError, match=r"done.json cannot be read \(it is empty\): delete it and run again") as err:
+        train_stage(cfg)
+    assert str(tmp_path / "done.json") in str(err.value)
+    (tmp_path / "done.json").write_text('{"best": {"epo')
+    with pytest.raises(ValueError, match="done.json cannot be read .*delete it"):
+        check_run_dir(cfg)
+
+    from multiteach.pipeline import read_done  # what every reader of done.json uses
+
+    (tmp_path / "done.json").unlink()
+    assert read_done(tmp_path) is None
+    (tmp_path / "done.json").write_text("[]")
+    with pytest.raises(ValueError, match="holds no record of a finished stage: delete it"):
+        read_done(tmp_path)
+
+
+def test_a_kill_while_done_json_is_written_leaves_no_torn_record(tmp_path, monkeypatch):
+    """A kill in the middle of writing done.json (of a plain write, or before an atomic write's rename) leaves
+    no done.json or a whole one; the rerun finishes the stage from its last.pt."""
+    from pathlib import Path
+
+    cfg, splits = _stage(tmp_path / "run")
+    done = tmp_path / "run" / "done.json"
+    write_text, replace = Path.write_text, os.replace
+
+    def killed_writing(self, data, *a, **k):
+        if self.name != "done.json":
+            return write_text(self, data, *a, **k)
+        write_text(self, data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    def killed_renaming(src, dst):
+        if Path(dst).name == "done.json":
+            raise KeyboardInterrupt
+        return replace(src, dst)
+
+    monkeypatch.setattr(Path, "write_text", killed_writing)
+    monkeypatch.setattr(os, "replace", killed_renaming)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(cfg, splits)
+    monkeypatch.undo()
+    assert not done.exists() or json.loads(done.read_text())["digest"] == cfg.digest()  # never a torn one
+    assert not list((tmp_path / "run").glob(".*.tmp*"))
+    assert train_stage(cfg, splits).is_file() and json.loads(done.read_text())["digest"] == cfg.digest()

@@ -228,6 +228,10 @@ def test_a_weighter_option_beside_another_weighter_is_refused():
     with pytest.raises(ValueError, match="weighter 'dwa' has no option 'rw'"):
         mt.presets.mtard(tiny_net(), *t, weighter={"name": "dwa", "rw": 0.9})
     assert mt.presets.mtard(tiny_net(), *t, weighter={"name": "anl", "rw": 0.5}).weighter.rw == 0.5
+    built = mt.ANL(2, rw=0.5)  # a weighter given built ignores the preset's options: refused, not dropped
+    with pytest.raises(ValueError, match=r"rw would be ignored: the weighter is given built \(ANL\)"):
+        mt.presets.mtard(tiny_net(), *t, weighter=built, rw=0.05)
+    assert mt.presets.mtard(tiny_net(), *t, weighter=built).weighter is built
 
 
 def test_attacks_and_datasets_by_name():

@@ -21,7 +21,7 @@ from rich.console import Console
 from torch import Tensor
 
 from ..budget import Clock, EpochPlanner
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, atomic_write_json
 from ..config import TrainConfig, scaled_milestones
 from ..data import TensorLoader
 from ..distributed import DistContext
@@ -248,9 +248,9 @@ class Trainer:
                     status = f"interrupted ({stop.name or 'signal on another rank'})"
                     break
                 self._end_epoch()
-                if stop.requested:
+                if self._stop_agreed(stop):  # every rank, or one would start the next epoch alone
                     self.save()  # also between the epochs checkpoint_every writes
-                    status = f"interrupted ({stop.name})"
+                    status = f"interrupted ({stop.name or 'signal on another rank'})"
                     break
             self.dist.barrier()
         self.log.close()
@@ -258,17 +258,19 @@ class Trainer:
 
     def _write_run_info(self) -> None:
         if self.run_dir is not None and self.is_main:
-            import json
-
             info = {"recipe": self.recipe.name, "branches": self.recipe.branch_names, "experiment": self.experiment,
                     "train": self.cfg.model_dump(mode="json")}
-            (self.run_dir / "run.json").write_text(json.dumps(info, indent=2))
+            atomic_write_json(info, self.run_dir / "run.json")
 
     def _stop_requested(self, stop: StopFlag) -> bool:
         if not self.dist.enabled:
             return stop.requested
         # ranks agree on stopping every log_every steps (one tiny all-reduce), so they stop at the same step
-        return self.global_step % self.cfg.log_every == 0 and self.dist.any(stop.requested, self.device)
+        return self.global_step % self.cfg.log_every == 0 and self._stop_agreed(stop)
+
+    def _stop_agreed(self, stop: StopFlag) -> bool:
+        """Whether any rank got a stop signal (under DDP one tiny all-reduce): all ranks stop at the same point."""
+        return self.dist.any(stop.requested, self.device)
 
     def _run_epoch(self, stop: StopFlag, progress: Any) -> bool:
         """One epoch (or its rest, after a mid-epoch resume); False when interrupted and saved."""
@@ -314,6 +316,10 @@ class Trainer:
         new_best = None
         if self.cfg.eval_every and (self.epoch % self.cfg.eval_every == 0 or self.epoch >= self.cfg.epochs):
             new_best = self._validate(record)
+        if self.epoch >= self.cfg.epochs and self.best.get("score") is None:
+            # no validation selected a model (eval_every=0, no validation split): best.pt holds the final raw weights,
+            # so a finished run always has one
+            self.best, new_best = {"epoch": self.epoch, "weights": "last"}, self.recipe.student
         self.history.append(record)
         self.log.write([record])
         if new_best is not None or self.epoch % self.cfg.checkpoint_every == 0 or self.epoch >= self.cfg.epochs:

@@ -62,6 +62,10 @@ def check_unused(spec: WeighterSpec, default: str, **options: tuple[Any, Any]) -
     name = spec if isinstance(spec, str) else type(spec).__name__.lower() if isinstance(spec, Weighter) else \
         spec.get("name")
     changed = [k for k, (v, d) in options.items() if _plain(v) != _plain(d)]
+    if isinstance(spec, Weighter) and changed:  # built already, with its own options
+        raise ValueError(f"{', '.join(changed)} would be ignored: the weighter is given built ({type(spec).__name__}"
+                         f"); set {'it' if len(changed) == 1 else 'them'} there, e.g. {type(spec).__name__}(..., "
+                         f"{changed[0]}=...)")
     if name != default and changed:
         raise ValueError(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} {default}'s option"
                          f"{'' if len(changed) == 1 else 's'}, and the weighter is {name!r}: give its options in a "

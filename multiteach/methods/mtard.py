@@ -50,7 +50,12 @@ def mtard(student: ModelLike = "cifar_resnet18", adv_teacher: ModelLike | None =
     w0 = 1/2, r_w decayed with the LR.
     ``weighter`` swaps ANL for any registered weighter with its options (``{"name": "dwa", "temperature": 2}``)
     on the same two branches; ``start="uniform"`` starts the attack anywhere in the eps-ball, as SAT trains
-    its teacher."""
+    its teacher.
+
+    Where the official code differs, by choice: its attack takes its first gradient at x + 0.001 N unclipped
+    (here clipped to [0, 1] first: ~0.3% of pixels differ); its KL reads log(p_teacher + 1e-5) (here the exact
+    log: the loss's value, and so ANL's ratios, move slightly, its gradient not at all); it sets
+    w_adv = 1 - w_nat (here each weight follows the recurrence, the same while ``w0`` sums to 1)."""
     check_unused(weighter, "anl", beta=(beta, 1.0), rw=(rw, 0.025), w0=(w0, (0.5, 0.5)))
     adv = as_teacher(adv_teacher, num_classes, "adv")
     nat = as_teacher(nat_teacher, num_classes, "nat")
