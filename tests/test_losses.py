@@ -31,6 +31,7 @@ def test_mean_reduction_is_the_official_mtard_kl():
     assert kl_divergence(s, t).item() == pytest.approx(official, rel=1e-3)  # the 1e-5 is the only difference
 
 
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")  # ARD's own reduction, on purpose
 def test_ard_kd_is_temperature_squared_elementwise_mean():
     g = torch.Generator().manual_seed(2)
     s, t = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g)
