@@ -16,7 +16,9 @@ held-out validation split, never on the test set.
 ``--budget SECONDS`` makes the whole run end, table printed, within that wall time: each stage gets its share
 of the time still left (a stage that ran long shortens the next), picks its epochs from the throughput of its
 first steps, and the evaluation runs its rows in priority order (the student's, the adversarial teacher's
-PGD_SAT, AutoAttack on the first images, the teacher's other rows) while time remains.
+PGD_SAT, AutoAttack on the first images, the teacher's other rows) while time remains. ``--wall SECONDS`` fits
+all of it into fewer seconds than the budget (a call with less time left) under the budget's stage names, so
+the teachers a full-budget command cached are found.
 """
 
 from __future__ import annotations
