@@ -22,10 +22,10 @@
 # Setup time counts against the budget. Environment: BUDGET, DATA_DIR, GRACE (45: with the default budget the
 # example is stopped at 585 s, inside a 600-s device call with time to copy its files), PLAN (speedrun), RUN_DIR, and
 # WALL: the most seconds the whole command may take (a device call's limit less ~10 s), for a lever's call that
-# keeps BUDGET (its teachers' cache names) but has less time than that left: the example fits its stages and its
-# evaluation's rows to it (--wall; a student given --student-seconds that no longer fit says so at its start), and
-# is stopped 5 s before WALL in case it has not ended, so it keeps what it finished (eval.json with the rows done)
-# instead of the caller's kill taking it all.
+# keeps BUDGET (its teachers' cache names) but has less time than that left: the example fits its student and its
+# evaluation's rows to WALL - 5 (--wall; a student given --student-seconds that no longer fit says so at its start;
+# teachers not cached are refused, not trained short under the budget's names), and is stopped 5 s before WALL in
+# case it has not ended, so it keeps what it finished (eval.json with the rows done) instead of the caller's kill.
 set -euo pipefail
 OUT=${1:?usage: bash benchmarks/reference.sh OUT_DIR [extra arguments for examples/mtard_cifar.py]}
 shift
@@ -62,9 +62,11 @@ stop=$(python3 -c "import sys, time; left, grace, wall, start = sys.argv[1:]
 stop = float(left) + float(grace)
 if wall: stop = min(stop, float(wall) - 5 - (time.time() - float(start)))
 print(max(int(stop), 1))" "$left" "${GRACE:-45}" "${WALL:-}" "$start")
+# the example aims to end by then (its own exit margin before it), not at WALL itself
+wall=${WALL:+$(python3 -c "import sys; print(float(sys.argv[1]) - 5)" "$WALL")}
 timeout --signal=TERM "$stop" \
   python3 examples/mtard_cifar.py --plan "${PLAN:-speedrun}" --budget "${BUDGET:-540}" --started-at "$start" \
-    --data-dir "$DATA_DIR" ${WALL:+--wall "$WALL"} \
+    --data-dir "$DATA_DIR" ${wall:+--wall "$wall"} \
     --run-dir "$RUN_DIR/run" --teacher-cache "$RUN_DIR/teachers" --folder-by-config --autoattack --quiet "$@" 2>&1 \
   | tee "$OUT/reference.log"
 rc=${PIPESTATUS[0]}

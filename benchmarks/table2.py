@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="add the adversarial teacher's own row, evaluated by the same suite")
     p.set_defaults(run_dir="runs/table2")
     args = p.parse_args(argv)
-    if args.budget or args.share:
-        p.error("--budget and --share plan one student (examples/mtard_cifar.py, benchmarks/reference.sh): train "
-                "each defense for set epochs here")
+    if args.budget or args.share or args.wall:
+        p.error("--budget, --share and --wall plan one student (examples/mtard_cifar.py, benchmarks/reference.sh): "
+                "train each defense for set epochs here")
     students = {spec: parse_spec(spec) for spec in args.presets + (ABLATIONS if args.ablations else [])}
     given = len(args.presets) + args.ablations * len(ABLATIONS)  # a spec repeated is one key of `students`
     trained = {(preset, json.dumps(options, sort_keys=True, default=str)) for preset, (options, _) in students.values()}

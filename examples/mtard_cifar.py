@@ -17,8 +17,8 @@ held-out validation split, never on the test set.
 of the time still left (a stage that ran long shortens the next), picks its epochs from the throughput of its
 first steps, and the evaluation runs its rows in priority order (the student's, the adversarial teacher's
 PGD_SAT, AutoAttack on the first images, the teacher's other rows) while time remains. ``--wall SECONDS`` fits
-all of it into fewer seconds than the budget (a call with less time left) under the budget's stage names, so
-the teachers a full-budget command cached are found.
+a student and its table into fewer seconds than the budget (a call with less time left), from the teachers a
+full-budget command cached (found under the budget's names; never trained short under them).
 """
 
 from __future__ import annotations
@@ -186,8 +186,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Unix time the budget counts from (default: now; benchmarks/reference.sh passes its start)")
     p.add_argument("--wall", type=float, metavar="SECONDS",
                    help="with --budget: the most seconds this command may take from --started-at, where that is less "
-                        "than the budget (a device call's or a scheduler's limit): the stages and the evaluation fit "
-                        "it, the teachers keep the budget's cache names")
+                        "than the budget (a device call's or a scheduler's limit): the student and the evaluation fit "
+                        "it; the teachers, found under the budget's cache names, must be cached already")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true",
@@ -321,6 +321,24 @@ class Pipeline:
         console.log(" | ".join(f"{k} {v}" for k, v in self.environment.items()))
 
     @property
+    def walled(self) -> bool:
+        """Whether --wall ends this call before its budget would: its stages may train for less than the seconds
+        they are named by (the teachers are then refused unless cached: :meth:`check_walled_teachers`)."""
+        wall = getattr(self.args, "wall", None)
+        return self.budget is not None and wall is not None and wall < self.args.budget
+
+    def check_walled_teachers(self, planned: dict[str, tuple[str, str]]) -> None:
+        """Under a --wall shorter than the budget, teachers come from the cache: one trained in the seconds the
+        wall left would be cached under the budget's name, and a later full-budget command would take it for its
+        own."""
+        missing = [r for r, (_, checkpoint) in planned.items() if read_done(Path(checkpoint).parent) is None]
+        if self.walled and missing:
+            raise ValueError(f"--wall {self.args.wall:g} is shorter than --budget {self.args.budget:g}, and the "
+                             f"{' and '.join(missing)} teacher{'s are' if len(missing) > 1 else ' is'} not cached: a "
+                             "call with less time than its budget reuses the teachers of a full-budget command (run "
+                             "that first, with the same --budget and teacher flags), or drop --wall")
+
+    @property
     def eval_tf32(self) -> bool:
         """Whether the tables allow TF32 (--eval-tf32, else the plan's choice; labelled in every table)."""
         return self.plan.get("eval_tf32", False) if self.args.eval_tf32 is None else self.args.eval_tf32
@@ -348,7 +366,7 @@ class Pipeline:
         """The seconds the student, the last stage, keeps back for a table without AutoAttack (the plan's
         ``lean_reserve_s``), ``None`` (the reserve) otherwise. The teachers always keep back the whole reserve:
         under one name, one teacher, whatever the call's rows."""
-        if role != "student" or self.args.autoattack:
+        if role != "student" or self.args.autoattack or self.args.black_box:
             return None
         return self.plan.get("budget", DEFAULT_BUDGET).get("lean_reserve_s")
 
@@ -450,11 +468,12 @@ class Pipeline:
         given = done.get("time_budget_s") if done is not None else None
         if given and self.budget is not None:  # finished earlier: the seconds it trained in, not those left now
             self.budget.allotted["student"] = given
-        cap = self.args.student_seconds
-        if done is None and cap and cfg.train.time_budget_s is not None and cfg.train.time_budget_s < cap - 1:
-            console.log(f"[bold red]student: {cfg.train.time_budget_s:.0f} s of the {cap:.0f} s of --student-seconds"
-                        " are left before the evaluation's reserve (--budget, --wall): it is not timed like the run "
-                        "it is compared with")
+        asked = self.args.student_seconds or cfg.train.stage_budget_s  # the cap, else its share's name
+        seconds = given if done is not None else cfg.train.time_budget_s
+        if asked and seconds is not None and seconds < asked - 1 and (self.args.student_seconds or self.walled):
+            console.log(f"[bold red]student: {'trained' if done is not None else 'to train'} in {seconds:.0f} s of "
+                        f"the {asked:.0f} s it is named by (--wall, --budget): not timed like a run given its "
+                        "full seconds")
         best = train_stage(cfg, self.splits, console=console, dist=self.dist)
         self._finish("student", f"{label or preset}_s", t0)
         return best
@@ -678,6 +697,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.folder_by_config:  # the digest of what trains the student: another configuration, another folder
         folder += "-" + run.planned_student(args.preset, planned, options, folder).digest()[:8]
     check_run_dir(run.planned_student(args.preset, planned, options, folder))  # before any stage trains
+    run.check_walled_teachers({r: run.planned_teacher(r, *spec) for r, spec in given.items() if spec[0] is None})
     teachers = {r: run.teacher(r, *spec) for r, spec in given.items()}
     best = run.student(args.preset, {k: v for k, v in teachers.items() if k in need}, options, folder)
     if not run.dist.is_main:

@@ -164,7 +164,7 @@ def test_reference_wrapper_out_of_time_still_ends_with_an_evaluated_student(cifa
     result = json.loads((out / "eval.json").read_text())
     assert [r["attack"] for r in result["rows"]] == ["pgd_sat"]
     assert result["skipped"] and all(s["spent_s"] > 0 for s in result["budget"]["stages"].values())
-    assert result["budget"]["deadline_in_s"] == 900 - 2  # WALL less the tiny plan's exit margin
+    assert result["budget"]["deadline_in_s"] == 900 - 5 - 2  # WALL less its kill's 5 s and the tiny exit margin
     assert "Test set, n = 32" in proc.stdout
 
 
@@ -309,6 +309,8 @@ def test_every_lever_is_a_command_line_option_and_bad_values_end_before_any_trai
            "--budget 60 --share adv=0": "positive weight", "--budget 60 --share teacher=1": "one of nat, adv, student",
            "--budget 60 --share adv=inf": "positive weight", "--wall 200": "--wall shapes a time budget",
            "--budget 60 --wall 0": "--wall: give the seconds", "--budget 60 --wall nan": "--wall: give the seconds",
+           "--budget 540 --wall 300": "--wall 300 is shorter than --budget 540, and the nat and adv teachers are not "
+                                      "cached",
            "--preset rslad --option beta=1": "not an option of preset 'rslad'",
            "--student-seconds 0": "--student-seconds: give seconds (> 0) or like:RUN",
            "--student-seconds like:mtard": "--student-seconds like:mtard: no evaluated run found",
