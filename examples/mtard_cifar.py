@@ -503,7 +503,6 @@ class Pipeline:
         report.save_json((out or best.parent) / "eval.json")
         return report.to_dict()
 
-
     def slow_n(self, n: int) -> int:
         """Images of the ``n`` evaluated for AutoAttack and the black-box rows: --slow-n, else the plan's first
         images under a time budget, else all ``n`` (the full-test-set protocol)."""
