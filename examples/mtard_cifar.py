@@ -296,20 +296,19 @@ class Pipeline:
         if isinstance(args.student_seconds, str):  # like:RUN, read before any stage trains
             args.student_seconds, source = allotted_student_seconds(args.student_seconds[5:], run_dir)
             console.log(f"student seconds: {args.student_seconds} s, as allotted to the student of {source}")
-        for flag, given in (("--share", getattr(args, "share", [])), ("--wall", getattr(args, "wall", None))):
+        for flag, given in (("--share", args.share), ("--wall", args.wall)):  # every parser has both (add_arguments)
             if given and not args.budget:
                 raise ValueError(f"{flag} shapes a time budget: give --budget SECONDS too")
-        if getattr(args, "wall", None) is not None and not (math.isfinite(args.wall) and args.wall > 0):
+        if args.wall is not None and not (math.isfinite(args.wall) and args.wall > 0):
             raise ValueError(f"--wall: give the seconds this command may take (> 0), got {args.wall}")
         if args.budget:
             b = self.plan.get("budget", DEFAULT_BUDGET)
             # wall-clock (time.time) so that the setup before this process, and the imports, count too
-            shares = budget_shares(b["shares"], getattr(args, "share", []))
+            shares = budget_shares(b["shares"], args.share)
             start = time.time() if args.started_at is None else args.started_at
-            wall = getattr(args, "wall", None)
             self.budget = TimeBudget(max(args.budget - b["exit_margin_s"], 1.0), shares, b["eval_reserve_s"],
                                      clock=time.time, start=start,
-                                     deadline=None if wall is None else start + wall - b["exit_margin_s"])
+                                     deadline=None if args.wall is None else start + args.wall - b["exit_margin_s"])
         self.data = DataConfig(data_dir=args.data_dir, download=args.download, root=args.root,
                                val_size=self.plan["val_size"], train_size=self.plan["train_size"], seed=args.seed)
         self.splits = load_splits(self.data)
@@ -324,8 +323,7 @@ class Pipeline:
     def walled(self) -> bool:
         """Whether --wall ends this call before its budget would: its stages may train for less than the seconds
         they are named by (the teachers are then refused unless cached: :meth:`check_walled_teachers`)."""
-        wall = getattr(self.args, "wall", None)
-        return self.budget is not None and wall is not None and wall < self.args.budget
+        return self.budget is not None and self.args.wall is not None and self.args.wall < self.args.budget
 
     def check_walled_teachers(self, planned: dict[str, tuple[str, str]]) -> None:
         """Under a --wall shorter than the budget, teachers come from the cache: one trained in the seconds the
