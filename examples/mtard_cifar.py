@@ -98,8 +98,9 @@ TINY = {
 # ones. Run 1 (RESULTS.md: PGD-5 of 2/255, the student's from x + 0.001 N, the teacher's uniform) left the student
 # 4.7 PGD points under its teacher. The evaluation reserve holds both models' rows (~41 s on an H200) and
 # AutoAttack on 1,000 images in one call: 54 s for 250 there, mostly latency (~41 s whatever the size, ~13 s of
-# arithmetic), so ~90 s predicted for 1,000 (chunks of 1,000, 500 or 250, whichever the prediction fits); run 2
-# measured 85 s. Without AutoAttack (--no-autoattack: a lever's call) the student keeps back 35 s, not 160: its
+# arithmetic), so ~90 s predicted for 1,000 (else the most images that fit, in twentieths, as one call); run 2
+# measured 85 s, and runs 1, 2 and 4 fit ~44 s a call plus ~42 ms an image. Without AutoAttack
+# (--no-autoattack: a lever's call) the student keeps back 35 s, not 160: its
 # own rows, the natural teacher's clean accuracy and the teacher's PGD_SAT (~30 s on the H200 in run 2); the rest,
 # the teacher's other rows (in the reference's table already), run if time is left.
 # The table runs with TF32 allowed (cuDNN's default, as run 1 did without saying so): in strict fp32 the
@@ -597,8 +598,12 @@ def environment() -> dict[str, str]:
 
 
 def _chunks(n: int) -> tuple[int, ...]:
-    """AutoAttack slices: all n at once (its small robust batches are latency-bound), else halves, quarters."""
-    return tuple(sorted({max(n, 1), max(n // 2, 1), max(n // 4, 1)}, reverse=True))
+    """AutoAttack slices: all n at once, else the most that fit, in twentieths of n (1,000, 950, ..., 50). Each
+    call pays its fixed, latency-bound part again (~44 s on an H200, run 4 in benchmarks/RESULTS.md), so one
+    call of 900 beats 500 then 250: halves and quarters covered 750 images in 118.6 s there, where 1,000 in one
+    call take ~85 s."""
+    step = max(n // 20, 1)
+    return tuple(range(max(n, 1), 0, -step))
 
 
 def w_robust_gap(student: Report, teacher: Report) -> dict[str, float]:

@@ -390,8 +390,10 @@ class TimedEvaluation:
         tf32 = self.tf32 if tf32 is None else tf32
         sizes = sorted({chunk} if isinstance(chunk, int) else set(chunk or [n]), reverse=True)
         latency_bound = attack_latency_steps(attack) > 0
-        if latency_bound:
-            self.latency(model_name, model)
+        if latency_bound:  # recorded beside the model's rows: what the prediction's fixed part was made of
+            latency = self.latency(model_name, model)
+            if model_name in self.reports:
+                self.reports[model_name].meta["latency_s"] = latency
         done: list[Tensor] = []
         clean: list[Tensor] = []  # a row in the table's precision: its clean pass
         lo, t0 = 0, time.perf_counter()

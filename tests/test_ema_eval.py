@@ -463,11 +463,13 @@ def test_a_latency_bound_attack_is_predicted_as_arithmetic_plus_fixed_steps_then
     monkeypatch.setattr(ev, "attack_latency_steps", lambda a: 1000.0 if a is slow else 0.0)
     latency = te.latency("m", net)
     assert 0 < latency < 10
+    assert "latency_s" not in te.reports["m"].meta  # measured, but written only by a latency-bound row
     per_image = 2 * seconds / passes  # _pgd() takes 2 steps
     assert te.predict(slow, 64, "m") == pytest.approx(64 * per_image + 1000 * latency)
     assert te.predict(slow, 16, "m") == pytest.approx(16 * per_image + 1000 * latency)  # the fixed part stays
     row = te.row("m", net, "slow", slow, n=48, chunk=32)
     assert row is not None and row.n == 48 and sizes == [32, 16]  # one call per chunk, not per batch of 16
+    assert te.reports["m"].meta["latency_s"] == latency  # the prediction's fixed part, kept beside its rows
     measured, guessed = te._per_attack[("m", id(slow))][1]
     assert guessed == pytest.approx(48 * per_image + 2000 * latency)
     assert te._passes["m"] == [seconds, passes]  # a latency-bound row is no measure of the arithmetic rate
@@ -477,6 +479,39 @@ def test_a_latency_bound_attack_is_predicted_as_arithmetic_plus_fixed_steps_then
     te._latency_s["other"] = 2 * latency
     per_pass = max(te._guess_s["other"], seconds / passes)  # its clean-pass guess, or "m"'s rate if larger
     assert te.predict(slow, 16, "other") == pytest.approx(16 * 2 * per_pass + 2000 * latency)
+
+
+def test_a_latency_bound_row_runs_the_most_images_that_fit_in_one_call(net_and_data, monkeypatch):
+    """Each call of a latency-bound attack pays its fixed part again: when all n do not fit, the largest offered
+    size that does runs as one call (the reference offers twentieths), not halves then quarters, which on the
+    H200 covered 750 of 1,000 images in 118.6 s where one call of 1,000 took 85 s (RESULTS.md, run 4)."""
+    ev = importlib.import_module("multiteach.evaluation")
+    net, x, y = net_and_data
+    example = importlib.import_module("tests.test_example").load("mtard_cifar")
+    assert example._chunks(1000) == tuple(range(1000, 0, -50)) and example._chunks(3) == (3, 2, 1)
+    clock = [0.0]
+    monkeypatch.setattr(ev, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    sizes = []
+    slow = Counted(_pgd())
+    slow.attack = lambda model, xb, yb: sizes.append(len(yb)) or xb
+    te = TimedEvaluation(x, y, left=lambda: 50.0 - clock[0], batch_size=16, margin_s=5.0)
+    te.clean("m", net)
+    # 10 s a call plus 1 s an image, as measured: 45 s to spend fit 35 images; then 10 s left fit none
+    monkeypatch.setattr(te, "predict", lambda attack, n, model_name=None: 10.0 + n)
+    monkeypatch.setattr(te, "latency", lambda *a: 0.01)
+    monkeypatch.setattr(ev, "attack_latency_steps", lambda a: 1000.0 if a is slow else 0.0)
+
+    def tick(calls):
+        clock[0] += 10.0 + sizes[-1]
+    slow.on_call = tick
+    row = te.row("m", net, "slow", slow, n=60, chunk=example._chunks(60))
+    assert sizes == [33] and row.n == 33  # twentieths of 60: 60, 57, ..., 36, 33: the largest under 35
+    assert te.skipped == ["m/slow: images 33-60 (no time left)"]
+    # halves and quarters (the reference's choice until run 4) cover fewer images in more seconds
+    sizes.clear()
+    clock[0] = 0.0
+    te.row("m", net, "halves", slow, n=60, chunk=(60, 30, 15))
+    assert sizes == [30] and clock[0] == 40.0
 
 
 def test_time_predictions_follow_the_measured_rate_once_and_a_larger_model_keeps_its_own_guess(
