@@ -493,9 +493,8 @@ class Pipeline:
             attacks.update(black_box_attacks(net))
         t0 = time.perf_counter()
         model = model or a.student or self.plan["student"]["model"]
-        torch.manual_seed(a.seed)  # the attacks' random starts
         report = evaluate_checkpoint(model, best, self.splits, attacks, device, a.eval_n or self.plan["eval_n"],
-                                     slow_subsets(a.slow_n), tf32=self.eval_tf32)
+                                     slow_subsets(a.slow_n), tf32=self.eval_tf32, seed=a.seed)  # random starts
         self.timings[f"{preset}_eval_s"] = time.perf_counter() - t0
         report.meta.update(timings=self.timings, data=a.data_dir or "torchvision", preset=preset)
         console.print(report.table(f"{preset} {role} ({model})"))
@@ -520,7 +519,7 @@ class Pipeline:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         x, y = eval_tensors(self.splits, a.eval_n or self.plan["eval_n"])
         left = self.budget.left if self.budget is not None else (lambda: float("inf"))
-        ev = TimedEvaluation(x, y, left, batch_size=500, device=device, tf32=self.eval_tf32)
+        ev = TimedEvaluation(x, y, left, batch_size=500, device=device, tf32=self.eval_tf32, seed=a.seed)
         student_name = a.student or self.plan["student"]["model"]
 
         def selected(checkpoint: str | Path) -> str:
@@ -545,7 +544,6 @@ class Pipeline:
 
         def run_rows() -> None:
             nonlocal nat_clean
-            torch.manual_seed(a.seed)  # the attacks' random starts: the same table from the same checkpoints
             ev.clean(student, models[student])
             for name, attack in rows.items():
                 ev.row(student, models[student], name, attack, required=name == "pgd_sat")

@@ -111,8 +111,6 @@ def _short(value: Any) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from .build import eval_tensors, load_splits
     from .config import DataConfig, EvalConfig, ModelConfig
     from .evaluation import AutoAttack, attacks_by_name, black_box_attacks, evaluate, slow_subsets
@@ -156,11 +154,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             surrogate = load_model(s_name, args.surrogate, splits.num_classes).to(device)
         attacks.update(black_box_attacks(surrogate, ecfg.eps, ecfg.square_queries))
     x, y = eval_tensors(splits, ecfg.n, workers=args.workers)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        report = evaluate(net, x, y, attacks, batch_size=ecfg.batch_size, device=device,
-                          subsets=slow_subsets(args.slow_n), tf32=ecfg.tf32,
-                          on_row=lambda r: console.log(f"{r.attack}: robust {100 * r.robust:.2f}% ({r.seconds:.1f} s)"))
+    report = evaluate(net, x, y, attacks, batch_size=ecfg.batch_size, device=device,
+                      subsets=slow_subsets(args.slow_n), tf32=ecfg.tf32, seed=args.seed,
+                      on_row=lambda r: console.log(f"{r.attack}: robust {100 * r.robust:.2f}% ({r.seconds:.1f} s)"))
     report.meta.update(checkpoint=args.checkpoint, model=model_name, device=str(device),
                        data=data_dir or "torchvision", dataset=dataset, image_size=splits.image_size,
                        eps=ecfg.eps)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,13 +243,29 @@ def correct_mask(model: nn.Module, x: Tensor | Images, y: Tensor, attack: Attack
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 
+@contextmanager
+def row_rng(seed: int | None, attack_name: str) -> Iterator[None]:
+    """One row's random starts from a stream of its own, named by the seed and the attack: a checkpoint's figure
+    for an attack does not depend on the rows run before it (H200 runs 4 and 5 read one teacher's PGD_TRADES
+    0.15 apart when only the order of the rows had changed). The global streams are left as they were;
+    ``None`` draws from them as before."""
+    if seed is None:
+        yield
+        return
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(zlib.crc32(f"{seed}/{attack_name}".encode()))
+        yield
+
+
 def evaluate(model: nn.Module, x: Tensor | Images, y: Tensor, attacks: dict[str, Attack], batch_size: int = 256,
              device: torch.device | str | None = None, on_row: Callable[[Row], None] | None = None,
-             subsets: dict[str, int] | None = None, tf32: bool = False) -> Report:
+             subsets: dict[str, int] | None = None, tf32: bool = False, seed: int | None = None) -> Report:
     """Clean accuracy and one row per attack, W-Robust each, and the per-image worst case over all rows.
 
     ``subsets`` runs the named (slow) attacks on the first k images only; their rows report clean and
-    robust accuracy on those k images, and the worst case then covers those k images.
+    robust accuracy on those k images, and the worst case then covers those k images. ``seed``: each row's
+    random starts from its own stream (:func:`row_rng`).
     """
     t0 = time.perf_counter()
     clean = correct_mask(model, x, y, None, batch_size, device, tf32)
@@ -258,7 +276,8 @@ def evaluate(model: nn.Module, x: Tensor | Images, y: Tensor, attacks: dict[str,
         k = min((subsets or {}).get(name, len(y)), len(y))
         worst_n = min(worst_n, k)
         t0 = time.perf_counter()
-        mask = correct_mask(model, x[:k], y[:k], attack, batch_size, device, tf32)
+        with row_rng(seed, name):
+            mask = correct_mask(model, x[:k], y[:k], attack, batch_size, device, tf32)
         clean_acc, robust = clean[:k].float().mean().item(), mask.float().mean().item()
         all_robust[:k] &= mask
         row = Row(name, describe(attack), clean_acc, robust, (clean_acc + robust) / 2, time.perf_counter() - t0, k)
@@ -310,13 +329,15 @@ class TimedEvaluation:
     slow row in slices of the first ``n`` images (a sequence: the largest size that still fits, then smaller
     ones), so it may stop early and report the images it covered; a latency-bound attack runs each slice as
     one call. A chunk that runs past the time left (a prediction too low) is cut there (:func:`deadline`) and
-    dropped, the chunks before it kept. fp32 (``tf32``: TF32 allowed, labelled so), eval mode.
+    dropped, the chunks before it kept. fp32 (``tf32``: TF32 allowed, labelled so), eval mode. ``seed``: each
+    row's random starts from its own stream (:func:`row_rng`), whatever rows ran or were skipped before it.
     """
 
     def __init__(self, x: Tensor | Images, y: Tensor, left: Callable[[], float], batch_size: int = 500,
-                 device: torch.device | str | None = None, margin_s: float = 5.0, tf32: bool = False) -> None:
+                 device: torch.device | str | None = None, margin_s: float = 5.0, tf32: bool = False,
+                 seed: int | None = None) -> None:
         self.x, self.y, self.left, self.batch_size, self.margin_s = x, y, left, batch_size, margin_s
-        self.device, self.tf32 = device, tf32
+        self.device, self.tf32, self.seed = device, tf32, seed
         self.reports: dict[str, Report] = {}
         self.skipped: list[str] = []
         self._clean: dict[str, Tensor] = {}
@@ -397,48 +418,49 @@ class TimedEvaluation:
         done: list[Tensor] = []
         clean: list[Tensor] = []  # a row in the table's precision: its clean pass
         lo, t0 = 0, time.perf_counter()
-        while lo < n:
-            fits = [c for c in sizes
-                    if required or self.predict(attack, min(c, n - lo), model_name) <= self.left() - self.margin_s]
-            if not fits:  # the images left, listed as not run (the row reports those done)
-                if lo:
-                    self.skipped.append(f"{model_name}/{name}: images {lo}-{n} (no time left)")
-                break
-            hi = min(lo + fits[0], n)
-            t1 = time.perf_counter()
-            try:  # a latency-bound attack pays its fixed part per call: the whole chunk in one
-                # the modes, precision and grad mode entered outside the deadline: restored whatever a cut left
-                with module_mode(model, "eval"), tf32_mode(tf32), torch.set_grad_enabled(torch.is_grad_enabled()), \
-                        deadline(None if required else self.left() - self.margin_s):  # a prediction that ran short
-                    chunk_mask = correct_mask(model, self.x[lo:hi], self.y[lo:hi], attack,
-                                              hi - lo if latency_bound else self.batch_size, self.device, tf32)
-                    # a row in another precision than the table: its clean half in that one too
-                    chunk_clean = None if tf32 == self.tf32 else correct_mask(
-                        model, self.x[lo:hi], self.y[lo:hi], None, self.batch_size, self.device, tf32)
-            except DeadlinePassed:  # the chunk is dropped, the chunks before it stand
-                self.skipped.append(f"{model_name}/{name}" + (f": images {lo}-{n}" if lo else "")
-                                    + " (cut at the time budget)")
-                if lo == 0:
+        with row_rng(self.seed, name):  # the row's chunks, one stream
+            while lo < n:
+                fits = [c for c in sizes
+                        if required or self.predict(attack, min(c, n - lo), model_name) <= self.left() - self.margin_s]
+                if not fits:  # the images left, listed as not run (the row reports those done)
+                    if lo:
+                        self.skipped.append(f"{model_name}/{name}: images {lo}-{n} (no time left)")
+                    break
+                hi = min(lo + fits[0], n)
+                t1 = time.perf_counter()
+                try:  # a latency-bound attack pays its fixed part per call: the whole chunk in one
+                    # the modes, precision and grad mode entered outside the deadline: restored whatever a cut left
+                    with module_mode(model, "eval"), tf32_mode(tf32), torch.set_grad_enabled(torch.is_grad_enabled()), \
+                            deadline(None if required else self.left() - self.margin_s):  # a prediction that ran short
+                        chunk_mask = correct_mask(model, self.x[lo:hi], self.y[lo:hi], attack,
+                                                  hi - lo if latency_bound else self.batch_size, self.device, tf32)
+                        # a row in another precision than the table: its clean half in that one too
+                        chunk_clean = None if tf32 == self.tf32 else correct_mask(
+                            model, self.x[lo:hi], self.y[lo:hi], None, self.batch_size, self.device, tf32)
+                except DeadlinePassed:  # the chunk is dropped, the chunks before it stand
+                    self.skipped.append(f"{model_name}/{name}" + (f": images {lo}-{n}" if lo else "")
+                                        + " (cut at the time budget)")
+                    if lo == 0:
+                        return None
+                    break
+                except Exception as e:  # an optional row that breaks must not take the table with it
+                    if required:
+                        raise
+                    self.skipped.append(f"{model_name}/{name} ({type(e).__name__}: {e})")
                     return None
-                break
-            except Exception as e:  # an optional row that breaks must not take the table with it
-                if required:
-                    raise
-                self.skipped.append(f"{model_name}/{name} ({type(e).__name__}: {e})")
-                return None
-            done.append(chunk_mask)
-            if chunk_clean is not None:
-                clean.append(chunk_clean)
-            seconds = time.perf_counter() - t1
-            if getattr(attack, "steps", None) is not None and not latency_bound and tf32 == self.tf32:
-                rate = self._passes.setdefault(model_name, [0.0, 0.0])  # a known count of passes, this precision
-                rate[0] += seconds
-                rate[1] += (hi - lo) * attack_cost(attack)
-            # the attack's own correction: measured against the cost model at the rates now known (this chunk's
-            # included), so a row that feeds the rate is not corrected twice
-            own = self._per_attack.setdefault((model_name, id(attack)), (attack, [0.0, 0.0]))[1]
-            own[0], own[1] = own[0] + seconds, own[1] + self._model_time(attack, hi - lo, model_name)
-            lo = hi
+                done.append(chunk_mask)
+                if chunk_clean is not None:
+                    clean.append(chunk_clean)
+                seconds = time.perf_counter() - t1
+                if getattr(attack, "steps", None) is not None and not latency_bound and tf32 == self.tf32:
+                    rate = self._passes.setdefault(model_name, [0.0, 0.0])  # a known count of passes, this precision
+                    rate[0] += seconds
+                    rate[1] += (hi - lo) * attack_cost(attack)
+                # the attack's own correction: measured against the cost model at the rates now known (this chunk's
+                # included), so a row that feeds the rate is not corrected twice
+                own = self._per_attack.setdefault((model_name, id(attack)), (attack, [0.0, 0.0]))[1]
+                own[0], own[1] = own[0] + seconds, own[1] + self._model_time(attack, hi - lo, model_name)
+                lo = hi
         if lo == 0:
             self.skipped.append(f"{model_name}/{name} (no time left)")
             return None

@@ -172,14 +172,14 @@ def train_cached(cfg: ExperimentConfig, cache_dir: str | Path, splits: Splits | 
 
 def evaluate_checkpoint(model_name: str, checkpoint: str | Path, splits: Splits, attacks: dict[str, Any],
                         device: str, n: int | None = None, subsets: dict[str, int] | None = None,
-                        tf32: bool = False) -> Report:
+                        tf32: bool = False, seed: int | None = None) -> Report:
     """The robustness table of a checkpoint on the first ``n`` test images (fp32, ``tf32`` allowed or not; eval
-    mode)."""
+    mode; ``seed``: each row's random starts from its own stream)."""
     from .teachers import load_model
 
     net = load_model(model_name, checkpoint, splits.num_classes)
     x, y = eval_tensors(splits, n)
-    report = evaluate(net.to(device), x, y, attacks, device=device, subsets=subsets, tf32=tf32)
+    report = evaluate(net.to(device), x, y, attacks, device=device, subsets=subsets, tf32=tf32, seed=seed)
     report.meta.update(model=model_name, checkpoint=str(checkpoint))
     return report
 

@@ -688,3 +688,52 @@ def test_validation_attacks_the_threat_the_recipe_trains_for(monkeypatch, tmp_pa
     assert seen == [("L2", 0.5, 0.125)]
     mt_validator.clean_and_pgd(tiny_net(), val, steps=1)
     assert seen[-1] == ("Linf", 8 / 255, 2 / 255)  # PGD_SAT's step, exactly
+
+
+class Draws:
+    """An attack that records the first random number it draws and leaves the images as they are: what a
+    random start sees of the random stream."""
+
+    steps = 1
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, model, x, y):
+        self.seen.append(torch.rand(1).item())
+        return x
+
+    def __repr__(self):
+        return "Draws()"
+
+
+def test_each_seeded_row_draws_its_random_starts_from_its_own_stream(net_and_data):
+    """With a seed, a row's random starts do not depend on the rows run before it (H200 runs 4 and 5 read one
+    teacher's PGD_TRADES 0.15 apart when only the order had changed), in TimedEvaluation and evaluate alike; the
+    global stream is left as it was; without a seed, rows draw from the global stream as before."""
+    net, x, y = net_and_data
+
+    def timed(order, seed):
+        te = TimedEvaluation(x, y, left=lambda: 1e9, batch_size=64, seed=seed)
+        te.clean("m", net)
+        attacks = {name: Draws() for name in order}
+        for name in order:
+            te.row("m", net, name, attacks[name])
+        return {name: a.seen for name, a in attacks.items()}
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b = timed(["pgd_sat", "pgd_trades"], 0), timed(["fgsm", "pgd_trades", "pgd_sat"], 0)
+    assert torch.equal(torch.get_rng_state(), before)  # forked, not consumed
+    assert a["pgd_trades"] == b["pgd_trades"] and a["pgd_sat"] == b["pgd_sat"]
+    assert a["pgd_sat"] != a["pgd_trades"]  # each row its own stream, not one reseeded stream
+    assert timed(["pgd_sat"], 1)["pgd_sat"] != a["pgd_sat"]  # the seed names the streams
+    unseeded = timed(["fgsm", "pgd_sat"], None)
+    assert unseeded["pgd_sat"] != unseeded["fgsm"] and not torch.equal(torch.get_rng_state(), before)
+
+    def plain(order):
+        attacks = {name: Draws() for name in order}
+        mt.evaluate(net, x, y, attacks, batch_size=64, seed=0)
+        return {name: a.seen for name, a in attacks.items()}
+
+    assert plain(["pgd_sat", "pgd_trades"])["pgd_trades"] == plain(["pgd_trades"])["pgd_trades"] == a["pgd_trades"]
