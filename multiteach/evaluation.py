@@ -12,6 +12,7 @@ from the AutoAttack authors' package (pyautoattack).
 from __future__ import annotations
 
 import logging
+import re
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -244,17 +245,21 @@ def correct_mask(model: nn.Module, x: Tensor | Images, y: Tensor, attack: Attack
 
 
 @contextmanager
-def row_rng(seed: int | None, attack_name: str) -> Iterator[None]:
-    """One row's random starts from a stream of its own, named by the seed and the attack: a checkpoint's figure
-    for an attack does not depend on the rows run before it (H200 runs 4 and 5 read one teacher's PGD_TRADES
-    0.15 apart when only the order of the rows had changed). The global streams are left as they were;
-    ``None`` draws from them as before."""
+def row_rng(seed: int | None, stream: str) -> Iterator[None]:
+    """One row's random starts from a stream of its own, named by the seed and ``stream`` (the attack's settings):
+    a checkpoint's figure for an attack does not depend on what ran before it (H200 runs 4 and 5 read one
+    teacher's PGD_TRADES 0.15 apart, the student's AutoAttack, which reseeds the global stream, having run before
+    it in run 4 only). The CPU and the initialized CUDA generators are forked, seeded and given back as they
+    were; others (a CUDA not yet initialized, MPS) are left alone. ``None`` draws from the global streams."""
     if seed is None:
         yield
         return
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(zlib.crc32(f"{seed}/{attack_name}".encode()))
+    cuda = torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
+        s = zlib.crc32(f"{seed}/{re.sub(' at 0x[0-9a-fA-F]+', '', stream)}".encode())  # no address in a name
+        torch.default_generator.manual_seed(s)  # not torch.manual_seed: it also queues a lazy CUDA seed
+        if cuda:
+            torch.cuda.manual_seed_all(s)
         yield
 
 
@@ -265,7 +270,7 @@ def evaluate(model: nn.Module, x: Tensor | Images, y: Tensor, attacks: dict[str,
 
     ``subsets`` runs the named (slow) attacks on the first k images only; their rows report clean and
     robust accuracy on those k images, and the worst case then covers those k images. ``seed``: each row's
-    random starts from its own stream (:func:`row_rng`).
+    random starts from its own stream, named by the attack's settings (:func:`row_rng`).
     """
     t0 = time.perf_counter()
     clean = correct_mask(model, x, y, None, batch_size, device, tf32)
@@ -276,7 +281,7 @@ def evaluate(model: nn.Module, x: Tensor | Images, y: Tensor, attacks: dict[str,
         k = min((subsets or {}).get(name, len(y)), len(y))
         worst_n = min(worst_n, k)
         t0 = time.perf_counter()
-        with row_rng(seed, name):
+        with row_rng(seed, describe(attack)):
             mask = correct_mask(model, x[:k], y[:k], attack, batch_size, device, tf32)
         clean_acc, robust = clean[:k].float().mean().item(), mask.float().mean().item()
         all_robust[:k] &= mask
@@ -418,7 +423,8 @@ class TimedEvaluation:
         done: list[Tensor] = []
         clean: list[Tensor] = []  # a row in the table's precision: its clean pass
         lo, t0 = 0, time.perf_counter()
-        with row_rng(self.seed, name):  # the row's chunks, one stream
+        with row_rng(self.seed, describe(attack)):  # the row's chunks, one stream; a check row of the same attack
+            # in another precision draws the same starts, so it differs by its precision alone
             while lo < n:
                 fits = [c for c in sizes
                         if required or self.predict(attack, min(c, n - lo), model_name) <= self.left() - self.margin_s]

@@ -484,7 +484,7 @@ def test_a_latency_bound_attack_is_predicted_as_arithmetic_plus_fixed_steps_then
 def test_a_latency_bound_row_runs_the_most_images_that_fit_in_one_call(net_and_data, monkeypatch):
     """Each call of a latency-bound attack pays its fixed part again: when all n do not fit, the largest offered
     size that does runs as one call (the reference offers twentieths), not halves then quarters, which on the
-    H200 covered 750 of 1,000 images in 118.6 s where one call of 1,000 took 85 s (RESULTS.md, run 4)."""
+    H200 covered 750 of 1,000 images in 118.6 s (RESULTS.md, run 4) where one call of 1,000 took 85 s (run 2)."""
     ev = importlib.import_module("multiteach.evaluation")
     net, x, y = net_and_data
     example = importlib.import_module("tests.test_example").load("mtard_cifar")
@@ -507,7 +507,7 @@ def test_a_latency_bound_row_runs_the_most_images_that_fit_in_one_call(net_and_d
     row = te.row("m", net, "slow", slow, n=60, chunk=example._chunks(60))
     assert sizes == [33] and row.n == 33  # twentieths of 60: 60, 57, ..., 36, 33: the largest under 35
     assert te.skipped == ["m/slow: images 33-60 (no time left)"]
-    # halves and quarters (the reference's choice until run 4) cover fewer images in more seconds
+    # halves and quarters (the reference's choice until run 4) cover fewer images
     sizes.clear()
     clock[0] = 0.0
     te.row("m", net, "halves", slow, n=60, chunk=(60, 30, 15))
@@ -691,48 +691,56 @@ def test_validation_attacks_the_threat_the_recipe_trains_for(monkeypatch, tmp_pa
 
 
 class Draws:
-    """An attack that records the first random number it draws and leaves the images as they are: what a
-    random start sees of the random stream."""
+    """An attack (its settings: ``label``) that records the first random number it draws and leaves the images
+    as they are: what a random start sees of the random stream."""
 
     steps = 1
 
-    def __init__(self):
-        self.seen = []
+    def __init__(self, label):
+        self.label, self.seen = label, []
 
     def __call__(self, model, x, y):
         self.seen.append(torch.rand(1).item())
         return x
 
     def __repr__(self):
-        return "Draws()"
+        return f"Draws({self.label})"
 
 
 def test_each_seeded_row_draws_its_random_starts_from_its_own_stream(net_and_data):
-    """With a seed, a row's random starts do not depend on the rows run before it (H200 runs 4 and 5 read one
-    teacher's PGD_TRADES 0.15 apart when only the order had changed), in TimedEvaluation and evaluate alike; the
-    global stream is left as it was; without a seed, rows draw from the global stream as before."""
+    """With a seed, a row's random starts do not depend on what ran before it (H200 runs 4 and 5 read one
+    teacher's PGD_TRADES 0.15 apart, the student's AutoAttack having run before it in run 4 only), in
+    TimedEvaluation and evaluate alike; the stream is named by the attack's settings, so a check row of the same
+    attack under another name (pgd_sat_fp32) draws the same starts; the global stream is left as it was; without
+    a seed, rows draw from the global stream as before."""
     net, x, y = net_and_data
 
     def timed(order, seed):
         te = TimedEvaluation(x, y, left=lambda: 1e9, batch_size=64, seed=seed)
         te.clean("m", net)
-        attacks = {name: Draws() for name in order}
+        attacks = {name: Draws(name.removesuffix("_fp32")) for name in order}
         for name in order:
             te.row("m", net, name, attacks[name])
         return {name: a.seen for name, a in attacks.items()}
 
     torch.manual_seed(123)
     before = torch.get_rng_state()
+    tracker = getattr(torch.cuda, "_lazy_seed_tracker", None)  # torch.manual_seed's seed for a CUDA not yet used
+    seed_all = tracker.get_calls()[1] if tracker is not None and not torch.cuda.is_initialized() else None
+    queued = seed_all[0] if seed_all else None
     a, b = timed(["pgd_sat", "pgd_trades"], 0), timed(["fgsm", "pgd_trades", "pgd_sat"], 0)
     assert torch.equal(torch.get_rng_state(), before)  # forked, not consumed
+    if queued is not None:  # nor replaced by a row's seed, to take effect when CUDA starts
+        assert tracker.get_calls()[1][0] is queued
     assert a["pgd_trades"] == b["pgd_trades"] and a["pgd_sat"] == b["pgd_sat"]
-    assert a["pgd_sat"] != a["pgd_trades"]  # each row its own stream, not one reseeded stream
+    assert a["pgd_sat"] != a["pgd_trades"]  # each attack its own stream, not one reseeded stream
+    assert timed(["fgsm", "pgd_sat_fp32"], 0)["pgd_sat_fp32"] == a["pgd_sat"]  # the same attack, the same starts
     assert timed(["pgd_sat"], 1)["pgd_sat"] != a["pgd_sat"]  # the seed names the streams
     unseeded = timed(["fgsm", "pgd_sat"], None)
     assert unseeded["pgd_sat"] != unseeded["fgsm"] and not torch.equal(torch.get_rng_state(), before)
 
     def plain(order):
-        attacks = {name: Draws() for name in order}
+        attacks = {name: Draws(name) for name in order}
         mt.evaluate(net, x, y, attacks, batch_size=64, seed=0)
         return {name: a.seen for name, a in attacks.items()}
 
