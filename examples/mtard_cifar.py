@@ -303,7 +303,7 @@ class Pipeline:
         if args.wall is not None and not (math.isfinite(args.wall) and args.wall > 0):
             raise ValueError(f"--wall: give the seconds this command may take (> 0), got {args.wall}")
         if args.budget:
-            b = self.plan.get("budget", DEFAULT_BUDGET)
+            b = self.budget_settings
             # wall-clock (time.time) so that the setup before this process, and the imports, count too
             shares = budget_shares(b["shares"], args.share)
             start = time.time() if args.started_at is None else args.started_at
@@ -321,6 +321,11 @@ class Pipeline:
         console.log(" | ".join(f"{k} {v}" for k, v in self.environment.items()))
 
     @property
+    def budget_settings(self) -> dict[str, Any]:
+        """The plan's budget settings (shares, reserves, AutoAttack's images, exit margin), else the defaults."""
+        return self.plan.get("budget", DEFAULT_BUDGET)
+
+    @property
     def walled(self) -> bool:
         """Whether --wall ends this call before its budget would: its stages may train for less than the seconds
         they are named by (the teachers are then refused unless cached: :meth:`check_walled_teachers`)."""
@@ -330,8 +335,10 @@ class Pipeline:
         """Under a --wall shorter than the budget, teachers come from the cache: one trained in the seconds the
         wall left would be cached under the budget's name, and a later full-budget command would take it for its
         own."""
+        if not self.walled:
+            return
         missing = [r for r, (_, checkpoint) in planned.items() if read_done(Path(checkpoint).parent) is None]
-        if self.walled and missing:
+        if missing:
             raise ValueError(f"--wall {self.args.wall:g} is shorter than --budget {self.args.budget:g}, and the "
                              f"{' and '.join(missing)} teacher{'s are' if len(missing) > 1 else ' is'} not cached: a "
                              "call with less time than its budget reuses the teachers of a full-budget command (run "
@@ -367,7 +374,7 @@ class Pipeline:
         under one name, one teacher, whatever the call's rows."""
         if role != "student" or self.args.autoattack or self.args.black_box:
             return None
-        return self.plan.get("budget", DEFAULT_BUDGET).get("lean_reserve_s")
+        return self.budget_settings.get("lean_reserve_s")
 
     def _finish(self, role: str, key: str, t0: float) -> None:
         self.timings[key] = time.perf_counter() - t0
@@ -506,7 +513,7 @@ class Pipeline:
         images under a time budget, else all ``n`` (the full-test-set protocol)."""
         if self.args.slow_n:
             return min(self.args.slow_n, n)
-        return min(self.plan.get("budget", DEFAULT_BUDGET)["autoattack_n"], n) if self.budget is not None else n
+        return min(self.budget_settings["autoattack_n"], n) if self.budget is not None else n
 
     def reference_table(self, preset: str, best: Path, teachers: dict[str, tuple[str, str]]) -> dict:
         """The student's table beside its adversarial teacher's (the speedrun's is a SAT model: the paper's MTARD
