@@ -48,6 +48,7 @@ from multiteach.evaluation import (
     slow_subsets,
     standard_attacks,
 )
+from multiteach.models import natural_recipe
 from multiteach.pipeline import (
     StageStopped,
     cache_entry,
@@ -416,11 +417,17 @@ class Pipeline:
                        allot: bool = True) -> ExperimentConfig:
         """The config that trains the plan's ``role`` teacher (the plan's options its preset takes)."""
         spec, preset = self.plan[role], self.teacher_preset(role)
+        model = model or spec["model"]
         # the teachers' usual weight decay where the preset registers none (nfgsm's own 5e-4 stands)
         wd = {} if "weight_decay" in get_preset(preset).schedule else \
             {"weight_decay": 5e-4 if preset == "natural" else 2e-4}
-        return stage_config(preset, model or spec["model"], self.data, "unused", options=self.options(role, preset),
-                            **self._train(role, wd, allot, epochs=epochs or spec["epochs"]))
+        # a network that comes with its own natural recipe (cifar_airbench94's) trains with it, over the plan's
+        # (at least ten steps an epoch on a small split)
+        own = (natural_recipe(model, max_batch=len(self.splits.train) // 10) if preset == "natural" else None) \
+            or {"train": {}, "options": {}}
+        return stage_config(preset, model, self.data, "unused",
+                            options={**own["options"], **self.options(role, preset)},
+                            **self._train(role, wd, allot, epochs=epochs or spec["epochs"], **own["train"]))
 
     def planned_teacher(self, role: str, checkpoint: str | None = None, model: str | None = None,
                         epochs: int | None = None) -> tuple[str, str]:
@@ -666,7 +673,8 @@ def parser() -> argparse.ArgumentParser:
                    help="an option of that preset, over the plan's (e.g. label_smoothing=0.1, steps=7; the value "
                         "read as TOML); repeatable")
     p.add_argument("--nat-teacher", help="natural teacher checkpoint (skips its training)")
-    p.add_argument("--nat-arch", help="its timm name (default: the plan's)")
+    p.add_argument("--nat-arch", help="its timm name (default: the plan's; a network with its own natural recipe, "
+                                      "cifar_airbench94, trains with it)")
     p.add_argument("--preset", default="mtard", help="student recipe: mtard, bmtard, rslad, ard, baseline_mt, ...")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the student's preset, over the plan's (e.g. reduction=mean, the official "

@@ -107,6 +107,24 @@ def build_recipe(cfg: ExperimentConfig, num_classes: int, image_size: int | None
         raise ValueError(f"preset {cfg.preset!r}: {bad} (its options: {', '.join(info.options())})") from None
 
 
+DATA_INIT_IMAGES = 5000  # airbench fits its whitening stem to 5,000 training images
+
+
+def init_from_data(model: torch.nn.Module, splits: Splits, n: int = DATA_INIT_IMAGES,
+                   workers: int | None = None) -> bool:
+    """A network's data-dependent initialization (its ``init_from_data(images)``, e.g. airbench's whitening
+    stem) from the first ``n`` training images, unaugmented, in [0, 1]; False where it has none. A resumed run's
+    checkpoint then overwrites what it set."""
+    fit = getattr(model, "init_from_data", None)
+    if fit is None:
+        return False
+    train = splits.train.take(np.arange(min(n, len(splits.train))))
+    if isinstance(train, Files):
+        train = decode(train, int(splits.image_size or DEFAULT_FILE_IMAGE_SIZE), eval_crop(splits.augment), workers)
+    fit(Images(train.x).to("cpu"))
+    return True
+
+
 def build_trainer(cfg: ExperimentConfig, *, dist: DistContext | None = None, console: Console | None = None,
                   synthetic_data: bool = False, splits: Splits | None = None) -> Trainer:
     dist = dist or DistContext()
@@ -114,6 +132,7 @@ def build_trainer(cfg: ExperimentConfig, *, dist: DistContext | None = None, con
     seed_everything(cfg.train.seed + dist.rank)
     splits = splits or load_splits(cfg.data, synthetic_data)
     recipe = build_recipe(cfg, splits.num_classes, image_size=splits.image_size)  # a size mismatch: refused now
+    init_from_data(recipe.student, splits, workers=cfg.data.workers)  # before the trainer's EMA copy
     log = console.log if console is not None and dist.is_main else None
     common = dict(kind=cfg.data.loader, augment=splits.augment, image_size=splits.image_size, device=device,
                   rank=dist.rank, world=dist.world, workers=cfg.data.workers, log=log)
@@ -138,5 +157,5 @@ def eval_tensors(splits: Splits, n: int | None = None, workers: int | None = Non
     return Images(test.x), torch.from_numpy(test.y)
 
 
-__all__ = ["DEFAULT_FILE_IMAGE_SIZE", "Splits", "build_model", "build_recipe", "build_trainer", "eval_tensors",
-           "load_splits"]
+__all__ = ["DATA_INIT_IMAGES", "DEFAULT_FILE_IMAGE_SIZE", "Splits", "build_model", "build_recipe", "build_trainer",
+           "eval_tensors", "init_from_data", "load_splits"]

@@ -218,6 +218,25 @@ def test_the_adversarial_teacher_can_come_from_another_preset(cifar_slice, tmp_p
         example.Pipeline(example.parser().parse_args([*args, "--adv-option", "k=3"])).teacher_config("adv")
 
 
+
+def test_a_natural_teacher_that_comes_with_its_own_recipe_trains_with_it(cifar_slice, tmp_path):
+    """--nat-arch cifar_airbench94: airbench94's settings (Nesterov 0.85, one-cycle, label smoothing 0.2, its LR
+    per example) over the plan's, the plan's EMA and validation kept; on a small split a smaller batch, its LR
+    scaled with it. ResNet-18's natural teacher keeps the plan's batch 512 / lr 0.4."""
+    example = load("mtard_cifar")
+    run = example.Pipeline(example.parser().parse_args(
+        ["--plan", "speedrun", "--data-dir", str(cifar_slice), "--run-dir", str(tmp_path)]))
+    nat = run.teacher_config("nat", "cifar_airbench94")
+    batch = min(1024, len(run.splits.train) // 10)
+    assert nat.preset == "natural" and nat.student.model == "cifar_airbench94"
+    assert nat.options == {"label_smoothing": 0.2}
+    t = nat.train
+    assert (t.batch_size, t.momentum, t.nesterov, t.schedule, t.warmup_epochs) == (batch, 0.85, True, "onecycle", 0)
+    assert t.lr == pytest.approx(1.5 * batch / 1024) and t.weight_decay == pytest.approx(0.0153 / 11.5)
+    assert t.ema_decay == 0.999 and t.epochs == 60
+    plain = run.teacher_config("nat").train
+    assert (plain.batch_size, plain.lr, plain.momentum, plain.schedule) == (512, 0.4, 0.9, "cosine")
+
 def student_teachers(folder: Path) -> dict[str, tuple[str, str]]:
     return {"adv": ("cifar_resnet18", str(folder / "a.pt")), "nat": ("cifar_resnet18", str(folder / "n.pt"))}
 
@@ -439,6 +458,30 @@ def test_attack_strength_benchmark_measures_each_training_attack(cifar_slice):
                                                         "PGD-5, 4/255, uniform start (2.5 eps / 5)"))
     assert madry - short > 0.2  # measured: 0.53 vs 0.85 here, 0.56 vs 0.89 on a trained ResNet-8
 
+
+
+def test_bf16_teacher_benchmark_measures_what_bf16_moves(cifar_slice, tmp_path):
+    """benchmarks/bf16_teacher.py on a fresh cifar_airbench94 fitted to the slice: its fp32 column is the model's
+    clean accuracy, and both bf16 columns differ from fp32 a little (a copy left in fp32 would read 0)."""
+    import torch
+
+    import multiteach as mt
+    from multiteach.build import eval_tensors, init_from_data, load_splits
+    from multiteach.config import DataConfig
+    from multiteach.evaluation import correct_mask
+    from multiteach.models import Airbench94
+
+    torch.manual_seed(0)
+    splits = load_splits(DataConfig(data_dir=str(cifar_slice), val_size=0))
+    model = Airbench94()
+    assert init_from_data(model, splits)
+    mt.atomic_save({"model": model.state_dict()}, tmp_path / "ab.pt")
+    results = load_benchmark("bf16_teacher").main(
+        ["--data-dir", str(cifar_slice), "--n", "100", f"cifar_airbench94={tmp_path / 'ab.pt'}"])
+    r = results["cifar_airbench94"]
+    x, y = eval_tensors(splits, 100)
+    assert r["clean_fp32"] == pytest.approx(correct_mask(model.eval(), x.to("cpu"), y, None, 100).float().mean().item())
+    assert 0 < r["kl_autocast"] < 1e-2 and 0 < r["kl_copy"] < 1e-2 and r["agree_copy"] > 0.8
 
 def test_the_student_teacher_gap_pairs_rows_run_on_the_same_images():
     """w_robust_gap: student minus teacher W-Robust in points, only for attacks both ran on the same images (a

@@ -451,6 +451,40 @@ def test_optimizers_by_name_with_options():
                           torch.device("cpu"))
 
 
+
+def test_a_networks_lr_multipliers_and_data_init_reach_the_trainer(tmp_path):
+    """cifar_airbench94 through build_trainer: its whitening stem is fitted to the first training images before
+    the EMA copy is made (the EMA would otherwise average towards an unfitted stem), its BN biases train at 64x
+    the LR with the weight decay / 64 at every step of the schedule (set_lr keeps each group's multiplier), and
+    what it froze (the stem's filters, the BN scales) does not move."""
+    from multiteach import build
+    from multiteach.data import Images
+    from multiteach.models.airbench import WhiteningConv
+
+    cfg = mt.ExperimentConfig(
+        preset="natural", student={"model": "cifar_airbench94"}, data={"train_size": 96, "val_size": 0},
+        train={"epochs": 2, "batch_size": 32, "lr": 0.05, "weight_decay": 1e-3, "schedule": "cosine",
+               "milestones": [], "ema_decay": 0.9, "device": "cpu", "progress": False, "eval_every": 0},
+        run_dir=str(tmp_path / "run"))
+    splits = build.load_splits(cfg.data, synthetic_data=True)
+    trainer = build.build_trainer(cfg, splits=splits)
+    student = trainer.recipe.student
+    want = WhiteningConv()
+    want.fit(Images(splits.train.x[:build.DATA_INIT_IMAGES]).to("cpu"))
+    stem = student.stem[0]
+    assert torch.allclose(stem.weight, want.weight) and torch.allclose(stem.bias, want.bias)
+    assert torch.equal(trainer.ema.module.stem[0].weight, stem.weight)
+    biases = {id(p) for n, p in student.named_parameters() if n in student.param_lr_scales()}
+    fast = [g for g in trainer.optimizer.param_groups if g["lr_scale"] == 64.0]
+    plain = [g for g in trainer.optimizer.param_groups if g["lr_scale"] == 1.0]
+    assert len(fast) == len(plain) == 1 and {id(p) for p in fast[0]["params"]} == biases
+    assert fast[0]["weight_decay"] == pytest.approx(1e-3 / 64) and plain[0]["weight_decay"] == pytest.approx(1e-3)
+    frozen = stem.weight.clone()
+    assert trainer.fit().status == "finished"
+    assert fast[0]["lr"] == pytest.approx(64 * plain[0]["lr"]) and 0 < plain[0]["lr"] < 0.05  # the last step's
+    assert torch.equal(stem.weight, frozen) and not torch.equal(stem.bias, want.bias)
+    assert all(torch.all(m.weight == 1) for m in student.modules() if isinstance(m, nn.BatchNorm2d))
+
 def test_schedules():
     cos = TrainConfig(epochs=10, schedule="cosine")
     assert [lr_factor(cos, e) for e in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-9)

@@ -66,3 +66,52 @@ def test_airbench_net_is_a_cifar_model_whose_bn_folding_skips_the_pooled_convs()
         assert len(view.pairs) == 4  # the stem and each group's second conv; not the convs before a max-pool
         for folded in (fold_batchnorm(model), view):
             assert torch.allclose(folded(x), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+def test_airbench94_whitens_its_input_patches_and_starts_from_identity_convs():
+    """cifar_airbench94's stem, fitted by init_from_data, whitens the 2x2 patches of the images it was fitted to
+    (airbench: the patch covariance of per-channel standardized images, here folded into the filters and bias);
+    each group's second conv starts as the identity; the BN scales are frozen and only the BN biases get the
+    64x LR. Also: the folded eval view still computes the model."""
+    from multiteach.fast import folded_eval
+
+    torch.manual_seed(0)
+    model = timm.create_model("cifar_airbench94", num_classes=10)
+    assert sum(p.numel() for p in model.parameters()) == 1_972_792
+    x = torch.rand(200, 3, 32, 32) ** 2 * torch.tensor([1.0, 0.7, 0.4]).view(1, 3, 1, 1)  # colours of unequal scale
+    model.init_from_data(x)
+    stem = model.stem[0]
+    assert not stem.weight.requires_grad and stem.bias.requires_grad
+    with torch.no_grad():
+        z = stem(x)[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()  # the 12 filters; the other 12 negate them
+        moment = z.T @ z / len(z)  # of the standardized patches: airbench's uncentered covariance
+        linear = stem(x) - stem.bias.view(1, -1, 1, 1)
+    assert torch.allclose(moment, torch.eye(12, dtype=torch.float64), atol=2e-3)
+    assert torch.allclose(linear[:, 12:], -linear[:, :12], atol=1e-5)  # each filter and its negation
+    conv2 = model.groups[0][4]
+    h = torch.randn(2, conv2.in_channels, 8, 8)
+    assert torch.allclose(conv2(h), h, atol=1e-6)  # dirac: identity at the start
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(not bn.weight.requires_grad and bn.momentum == 0.4 for bn in bns)
+    scales = model.param_lr_scales()
+    named = dict(model.named_parameters())
+    assert set(scales) == {n for n, p in named.items() if n.endswith(".bias") and n.startswith("groups.")}
+    assert set(scales.values()) == {64.0} and len(scales) == len(bns)
+    model.eval()
+    with torch.no_grad():
+        model(x[:64])  # a forward in eval mode: the running statistics are the initial ones, fine for the fold
+        assert torch.allclose(folded_eval(model)(x[:8]), model(x[:8]), atol=1e-5)
+
+
+def test_natural_recipe_is_airbench94s_own_and_scales_its_lr_with_a_smaller_batch():
+    from multiteach.models import natural_recipe
+
+    assert natural_recipe("cifar_resnet18") is None
+    own = natural_recipe("cifar_airbench94")
+    # 11.5 per 1024 examples on a summed loss with Nesterov 0.85: 11.5 / (1 + 1 / 0.15) = 1.5 on a mean loss
+    assert own["train"]["batch_size"] == 1024 and own["train"]["lr"] == pytest.approx(1.5)
+    assert own["train"]["weight_decay"] == pytest.approx(0.0153 / 11.5) and own["options"] == {"label_smoothing": 0.2}
+    small = natural_recipe("cifar_airbench94", max_batch=256)
+    assert small["train"]["batch_size"] == 256 and small["train"]["lr"] == pytest.approx(0.375)
+    assert natural_recipe("cifar_airbench94", max_batch=4096)["train"]["batch_size"] == 1024
+    mt.TrainConfig(**own["train"])  # valid settings

@@ -30,7 +30,7 @@ from ..recipe import Recipe
 from ..runtime import autocast, resolve_device, resolve_precision, rng_state, set_rng_state
 from ..signals import StopFlag, stop_on_signals
 from .checkpointer import Checkpointer, ConfigMismatchError
-from .optim import cycled_momentum, set_lr, student_optimizer, teacher_optimizer
+from .optim import cycled_momentum, lr_scales, set_lr, student_optimizer, teacher_optimizer
 from .runlog import RunLog, epoch_line, progress_bar, status_line
 from .validator import Validator, threat_model
 
@@ -87,7 +87,8 @@ class Trainer:
         self.validator = Validator(val_loader, self.cfg.eval_pgd_steps, self.cfg.select, self.dist,
                                    threat_model(recipe))
         student_params, self.extra_params = recipe.trainable_parameters()
-        self.optimizer = student_optimizer(self.cfg, student_params, self.extra_params, self.device)
+        self.optimizer = student_optimizer(self.cfg, student_params, self.extra_params, self.device,
+                                           lr_scales(recipe.student))
         self.teacher_optimizers = [teacher_optimizer(t.optimizer, t.parameters(), self.device)
                                    for t in recipe.trainable_teachers]
         self._lr_bases = [(self.optimizer, None)] + [(opt, t.optimizer.get("lr", 0.1)) for opt, t in

@@ -67,11 +67,31 @@ def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float, options:
     return cls(groups, lr=lr, **options, **extra)
 
 
+def lr_scales(model: torch.nn.Module) -> dict[int, float]:
+    """``id(parameter) -> LR multiplier`` from the model's ``param_lr_scales()`` (parameter name -> multiplier),
+    where it declares one (airbench's 64x for its BatchNorm biases); empty otherwise."""
+    declared = getattr(model, "param_lr_scales", None)
+    if declared is None:
+        return {}
+    named = dict(model.named_parameters())
+    scales = declared()
+    unknown = sorted(set(scales) - set(named))
+    if unknown:
+        raise ValueError(f"{type(model).__name__}.param_lr_scales() names no parameter of the model: "
+                         f"{', '.join(unknown[:3])}")
+    return {id(named[name]): float(scale) for name, scale in scales.items()}
+
+
 def student_optimizer(cfg: Any, student: Iterable[torch.nn.Parameter], extra: Iterable[torch.nn.Parameter],
-                      device: torch.device) -> torch.optim.Optimizer:
+                      device: torch.device, scales: Mapping[int, float] | None = None) -> torch.optim.Optimizer:
     """The student's optimizer: its parameters with the config's weight decay, the recipe's own (uncertainty
-    weights, projectors) in a second group without it."""
-    groups = [{"params": list(student), "weight_decay": cfg.weight_decay}]
+    weights, projectors) in a last group without it. ``scales`` (:func:`lr_scales`) puts parameters of another
+    LR multiplier in their own group, their weight decay divided by it: the decay per step (LR x decay) stays."""
+    student, scales = list(student), scales or {}
+    groups: list[dict[str, Any]] = []
+    for scale in sorted({scales.get(id(p), 1.0) for p in student}):
+        groups.append({"params": [p for p in student if scales.get(id(p), 1.0) == scale], "lr_scale": scale,
+                       "weight_decay": cfg.weight_decay / scale, "lr": cfg.lr * scale})
     extra = list(extra)
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0})
@@ -91,10 +111,11 @@ def teacher_optimizer(spec: Mapping[str, Any], params: Iterable[torch.nn.Paramet
 
 
 def set_lr(optimizers: Iterable[tuple[torch.optim.Optimizer, float]], factor: float) -> None:
-    """Every param group of each ``(optimizer, base_lr)`` to ``base_lr * factor``."""
+    """Every param group of each ``(optimizer, base_lr)`` to ``base_lr * factor`` (times the group's
+    ``lr_scale``, where it has one)."""
     for opt, base in optimizers:
         for g in opt.param_groups:
-            g["lr"] = base * factor
+            g["lr"] = base * factor * g.get("lr_scale", 1.0)
 
 
 def cycled_momentum(cfg: Any, factor: float) -> float | None:
@@ -105,5 +126,5 @@ def cycled_momentum(cfg: Any, factor: float) -> float | None:
     return cfg.momentum - (cfg.momentum - cfg.cycle_momentum) * factor
 
 
-__all__ = ["build_optimizer", "cycled_momentum", "lr_factor", "optimizer_class", "set_lr", "student_optimizer",
-           "teacher_optimizer"]
+__all__ = ["build_optimizer", "cycled_momentum", "lr_factor", "lr_scales", "optimizer_class", "set_lr",
+           "student_optimizer", "teacher_optimizer"]

@@ -11,12 +11,13 @@ from typing import Any
 from timm.models import register_model
 from torch import nn
 
-from .airbench import AirbenchNet
+from .airbench import AIRBENCH94_RECIPE, Airbench94, AirbenchNet
 from .mobilenetv2 import MobileNetV2
 from .resnet import CifarResNet, resnet18, resnet56
 from .wide_resnet import WideResNet
 
-__all__ = ["AirbenchNet", "CifarResNet", "MobileNetV2", "WideResNet"]
+__all__ = ["AIRBENCH94_RECIPE", "Airbench94", "AirbenchNet", "CifarResNet", "MobileNetV2", "WideResNet",
+           "natural_recipe"]
 
 # timm passes these to every entrypoint; CIFAR models have no pretrained weights to fetch.
 _TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
@@ -87,3 +88,28 @@ def cifar_mobilenetv2(pretrained: bool = False, **kwargs: Any) -> nn.Module:
 def cifar_airbench(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """airbench94's layout (2.0M parameters, a fifth of ResNet-18's multiply-adds): a fast natural teacher."""
     return _build(AirbenchNet, pretrained, kwargs)
+
+
+@register_model
+def cifar_airbench94(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """airbench94's network with its own start (a whitening stem fitted to the training images, identity-initialized
+    convolutions, frozen BatchNorm scales): a natural teacher of ~94% in about ten epochs with its recipe
+    (:func:`natural_recipe`)."""
+    return _build(Airbench94, pretrained, kwargs)
+
+
+_NATURAL_RECIPES = {"cifar_airbench94": AIRBENCH94_RECIPE}
+
+
+def natural_recipe(name: str, max_batch: int | None = None) -> dict[str, dict[str, Any]] | None:
+    """The natural-training settings a network comes with (``{"train": TrainConfig fields, "options": the natural
+    preset's}``), or None: a network tuned with its own recipe trains best with it. ``max_batch``: a smaller
+    batch where the recipe's would leave a small training split few steps, its LR scaled with it (linearly)."""
+    recipe = _NATURAL_RECIPES.get(name)
+    if recipe is None:
+        return None
+    train = dict(recipe["train"])
+    if max_batch is not None and train["batch_size"] > max_batch >= 1:
+        train["lr"] *= max_batch / train["batch_size"]
+        train["batch_size"] = max_batch
+    return {"train": train, "options": dict(recipe["options"])}

@@ -1,4 +1,4 @@
-"""A fast natural teacher: the layout of Keller Jordan's airbench94 CIFAR-10 network, trained plainly.
+"""A fast natural teacher: Keller Jordan's airbench94 CIFAR-10 network, its layout alone or with its own start.
 
 Three groups of two 3x3 convolutions (64, 256, 256 channels), each group halving the resolution with a max-pool
 between its convolutions; GELU; global max-pool; a bias-free linear head whose logits are scaled by 1/9. About a
@@ -7,12 +7,22 @@ seconds. airbench reaches 94% in under ten epochs with more than this layout, wh
 2x2 stem is a frozen whitening convolution (with a bias, no BatchNorm) fitted to the training images' patches,
 where here it is a learned convolution followed by BatchNorm; its BatchNorm scales are frozen at 1 and its
 convolutions start from an identity; it trains with lookahead and evaluates with test-time flips. Every
-multiteach recipe trains this one like any other model. The 1/9 on the logits acts as a temperature the head's
-weights learn to undo.
+multiteach recipe trains this one (``cifar_airbench``) like any other model. The 1/9 on the logits acts as a
+temperature the head's weights learn to undo.
+
+:class:`Airbench94` (``cifar_airbench94``) adds what the network itself carries of airbench94: the whitening
+stem (fitted to the training images by :meth:`Airbench94.init_from_data`, which the trainer calls before a
+fresh run's first step), identity-initialized convolutions, BatchNorm scales frozen at 1 (momentum 0.4, eps
+1e-12) and a 64x learning rate for the BatchNorm biases (:meth:`Airbench94.param_lr_scales`). :data:`AIRBENCH94_RECIPE`
+is its training recipe in this library's terms. Left out: lookahead (the trainer's EMA, selected on validation,
+stands in), test-time augmentation, the alternating flip and the whitening bias frozen after 3 epochs (here it
+trains throughout).
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -56,3 +66,76 @@ class AirbenchNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.forward_features(x).amax(dim=(2, 3))
         return self.head(x) * self.logit_scale
+
+
+class WhiteningConv(nn.Conv2d):
+    """A frozen convolution that whitens the input's ``kernel`` x ``kernel`` patches (airbench's stem): its
+    filters are the patch covariance's eigenvectors scaled by 1/sqrt(eigenvalue + eps), each also negated
+    (so 2 x C x k^2 channels), fitted by :meth:`fit`. The bias stays trainable."""
+
+    def __init__(self, in_chans: int = 3, kernel: int = 2) -> None:
+        super().__init__(in_chans, 2 * in_chans * kernel * kernel, kernel, bias=True)
+        self.weight.requires_grad_(False)
+
+    @torch.no_grad()
+    def fit(self, images: Tensor, eps: float = 5e-4, chunk: int = 500) -> None:
+        """Fit to ``images`` (N, C, H, W) in [0, 1]: airbench whitens the patches of per-channel standardized
+        images (their uncentered covariance, eps relative to unit variance); that standardization is folded into
+        the filters and the bias here, so the stem takes the raw images."""
+        x = images.detach().to(torch.float64)
+        mean = x.mean(dim=(0, 2, 3))
+        std = x.std(dim=(0, 2, 3)).clamp_min(1e-12)
+        k, c = self.kernel_size[0], self.in_channels
+        cov = x.new_zeros(c * k * k, c * k * k)
+        count = 0
+        for part in x.split(chunk):
+            z = (part - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+            patches = F.unfold(z, k).transpose(1, 2).reshape(-1, c * k * k)  # (patches, C*k*k), the filters' order
+            cov += patches.T @ patches
+            count += len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov / max(count, 1))
+        order = eigenvalues.argsort(descending=True)
+        filters = (eigenvectors[:, order] / (eigenvalues[order] + eps).sqrt()).T.reshape(-1, c, k, k)
+        filters = torch.cat([filters, -filters])
+        weight = filters / std.view(1, -1, 1, 1)  # (z = (x - mean) / std) folded in
+        self.weight.copy_(weight.to(self.weight.dtype))
+        self.bias.copy_((-(weight * mean.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))).to(self.bias.dtype))
+
+
+class Airbench94(AirbenchNet):
+    """airbench94's network with its own start: a whitening stem fitted to the data, identity-initialized
+    convolutions, BatchNorm scales frozen at 1 (momentum 0.4, eps 1e-12) and BatchNorm biases at 64x the LR,
+    their weight decay divided by as much (airbench decouples the two)."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, widths: tuple[int, int, int] = (64, 256, 256),
+                 bn_momentum: float = 0.4, bias_lr_scale: float = 64.0, logit_scale: float = 1 / 9) -> None:
+        super().__init__(num_classes, in_chans, widths, stem_width=8 * in_chans, logit_scale=logit_scale)
+        self.stem = nn.Sequential(WhiteningConv(in_chans, 2), nn.GELU())
+        self.bias_lr_scale = bias_lr_scale
+        for m in self.groups.modules():
+            if isinstance(m, nn.Conv2d):
+                with torch.no_grad():
+                    nn.init.dirac_(m.weight[: m.in_channels])
+            elif isinstance(m, nn.BatchNorm2d):
+                m.momentum, m.eps = bn_momentum, 1e-12
+                m.weight.requires_grad_(False)
+
+    def init_from_data(self, images: Tensor) -> None:
+        """Fit the whitening stem to training images (N, C, H, W) in [0, 1]; airbench takes 5,000."""
+        self.stem[0].fit(images)
+
+    def param_lr_scales(self) -> dict[str, float]:
+        """Parameter name -> LR multiplier (its weight decay divided by as much): the BatchNorm biases'."""
+        return {f"groups.{name}": self.bias_lr_scale for name, p in self.groups.named_parameters()
+                if name.endswith(".bias") and p.requires_grad}
+
+
+# airbench94's training recipe (batch 1024, lr 11.5 and weight decay 0.0153 "per 1024 examples" on a summed
+# loss, Nesterov momentum 0.85, label smoothing 0.2, ~10 epochs, a linear one-cycle) in this library's terms: a
+# mean loss, so lr 11.5 / (1 + 1 / (1 - 0.85)) = 1.5 at batch 1024 and weight decay 0.0153 / 11.5 = 1.33e-3; the
+# one-cycle schedule stands in for its linear ramp (0.2 -> 1 over 23% of the steps, then -> 0.07).
+AIRBENCH94_RECIPE = {
+    "train": {"batch_size": 1024, "lr": 1.5, "momentum": 0.85, "nesterov": True, "weight_decay": 0.0153 / 11.5,
+              "schedule": "onecycle", "warmup_epochs": 0.0, "milestones": []},
+    "options": {"label_smoothing": 0.2},
+}
