@@ -113,15 +113,17 @@ DATA_INIT_IMAGES = 5000  # airbench fits its whitening stem to 5,000 training im
 def init_from_data(model: torch.nn.Module, splits: Splits, n: int = DATA_INIT_IMAGES,
                    workers: int | None = None) -> bool:
     """A network's data-dependent initialization (its ``init_from_data(images)``, e.g. airbench's whitening
-    stem) from the first ``n`` training images, unaugmented, in [0, 1]; False where it has none. A resumed run's
-    checkpoint then overwrites what it set."""
+    stem) from ``n`` training images drawn at random (seed 0; image files may be sorted by class), unaugmented,
+    as uint8 :class:`~multiteach.data.Images`; False where it has none. A resumed run's checkpoint then
+    overwrites what it set."""
     fit = getattr(model, "init_from_data", None)
     if fit is None:
         return False
-    train = splits.train.take(np.arange(min(n, len(splits.train))))
+    pick = np.sort(np.random.default_rng(0).permutation(len(splits.train))[:n])
+    train = splits.train.take(pick)
     if isinstance(train, Files):
         train = decode(train, int(splits.image_size or DEFAULT_FILE_IMAGE_SIZE), eval_crop(splits.augment), workers)
-    fit(Images(train.x).to("cpu"))
+    fit(Images(train.x))
     return True
 
 

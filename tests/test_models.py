@@ -68,26 +68,49 @@ def test_airbench_net_is_a_cifar_model_whose_bn_folding_skips_the_pooled_convs()
             assert torch.allclose(folded(x), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
-def test_airbench94_whitens_its_input_patches_and_starts_from_identity_convs():
-    """cifar_airbench94's stem, fitted by init_from_data, whitens the 2x2 patches of the images it was fitted to
-    (airbench: the patch covariance of per-channel standardized images, here folded into the filters and bias);
-    each group's second conv starts as the identity; the BN scales are frozen and only the BN biases get the
-    64x LR. Also: the folded eval view still computes the model."""
+def airbench_whitening(x: torch.Tensor, eps: float = 5e-4) -> torch.Tensor:
+    """airbench94's own procedure, written out independently (float64): standardize each channel, take the 2x2
+    patches as its get_patches does (unfold, transpose, reshape), eigendecompose their uncentered covariance,
+    and convolve the standardized images with the eigenvectors / sqrt(eigenvalue + eps), largest first."""
+    x = x.double()
+    mean, std = x.mean(dim=(0, 2, 3)).view(1, -1, 1, 1), x.std(dim=(0, 2, 3), unbiased=False).view(1, -1, 1, 1)
+    z = (x - mean) / std
+    patches = z.unfold(2, 2, 1).unfold(3, 2, 1).transpose(1, 3).reshape(-1, 3, 2, 2)
+    flat = patches.reshape(len(patches), -1)
+    eigenvalues, eigenvectors = torch.linalg.eigh(flat.T @ flat / len(flat))
+    filters = eigenvectors.T.reshape(12, 3, 2, 2).flip(0) / (eigenvalues.flip(0) + eps).sqrt().view(-1, 1, 1, 1)
+    return torch.nn.functional.conv2d(z, filters)
+
+
+def test_airbench94_whitening_stem_is_airbenchs_and_the_rest_starts_as_airbench_does():
+    """cifar_airbench94's stem, fitted by init_from_data on raw images, computes airbench's whitening of the
+    standardized images (each filter up to its sign, then its negation), with its bias at 0 (the standardization
+    sits in a fixed offset, so weight decay pulls the trained bias to airbench's 0, not to a shifted stem); it
+    refuses to train unfitted. Each group's second conv starts as the identity; the BN scales are frozen and only
+    the BN biases get the 64x LR. The folded eval view still computes the model."""
+    from multiteach.data import Images
     from multiteach.fast import folded_eval
 
     torch.manual_seed(0)
     model = timm.create_model("cifar_airbench94", num_classes=10)
     assert sum(p.numel() for p in model.parameters()) == 1_972_792
-    x = torch.rand(200, 3, 32, 32) ** 2 * torch.tensor([1.0, 0.7, 0.4]).view(1, 3, 1, 1)  # colours of unequal scale
-    model.init_from_data(x)
+    with pytest.raises(RuntimeError, match="not fitted to data: call model.init_from_data"):
+        model(torch.rand(2, 3, 32, 32))
+    # smooth images (neighbouring pixels correlated, colours of unequal scale), as uint8 like a training split
+    x = torch.nn.functional.interpolate(torch.rand(200, 3, 8, 8), size=32, mode="bilinear")
+    x = (x ** 2 * torch.tensor([1.0, 0.7, 0.4]).view(1, 3, 1, 1) * 255).round().to(torch.uint8)
+    images = Images(x.permute(0, 2, 3, 1).numpy())
+    model.init_from_data(images)
     stem = model.stem[0]
-    assert not stem.weight.requires_grad and stem.bias.requires_grad
+    assert not stem.weight.requires_grad and stem.bias.requires_grad and torch.all(stem.bias == 0)
+    raw = images.to("cpu")
     with torch.no_grad():
-        z = stem(x)[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()  # the 12 filters; the other 12 negate them
-        moment = z.T @ z / len(z)  # of the standardized patches: airbench's uncentered covariance
-        linear = stem(x) - stem.bias.view(1, -1, 1, 1)
-    assert torch.allclose(moment, torch.eye(12, dtype=torch.float64), atol=2e-3)
-    assert torch.allclose(linear[:, 12:], -linear[:, :12], atol=1e-5)  # each filter and its negation
+        ours, want = stem(raw).double(), airbench_whitening(raw)
+    for k in range(12):  # an eigenvector's sign is arbitrary; its magnitude and the negated copy are not
+        sign = torch.sign((ours[:, k] * want[:, k]).sum())
+        assert torch.allclose(ours[:, k], sign * want[:, k], atol=1e-3 * want[:, k].abs().max().item())
+        assert torch.allclose(ours[:, 12 + k], -ours[:, k], atol=1e-5)
+    model(raw[:4])  # fitted: it trains
     conv2 = model.groups[0][4]
     h = torch.randn(2, conv2.in_channels, 8, 8)
     assert torch.allclose(conv2(h), h, atol=1e-6)  # dirac: identity at the start
@@ -99,8 +122,7 @@ def test_airbench94_whitens_its_input_patches_and_starts_from_identity_convs():
     assert set(scales.values()) == {64.0} and len(scales) == len(bns)
     model.eval()
     with torch.no_grad():
-        model(x[:64])  # a forward in eval mode: the running statistics are the initial ones, fine for the fold
-        assert torch.allclose(folded_eval(model)(x[:8]), model(x[:8]), atol=1e-5)
+        assert torch.allclose(folded_eval(model)(raw[:8]), model(raw[:8]), atol=1e-5)
 
 
 def test_natural_recipe_is_airbench94s_own_and_scales_its_lr_with_a_smaller_batch():

@@ -11,19 +11,24 @@ multiteach recipe trains this one (``cifar_airbench``) like any other model. The
 temperature the head's weights learn to undo.
 
 :class:`Airbench94` (``cifar_airbench94``) adds what the network itself carries of airbench94: the whitening
-stem (fitted to the training images by :meth:`Airbench94.init_from_data`, which the trainer calls before a
-fresh run's first step), identity-initialized convolutions, BatchNorm scales frozen at 1 (momentum 0.4, eps
-1e-12) and a 64x learning rate for the BatchNorm biases (:meth:`Airbench94.param_lr_scales`). :data:`AIRBENCH94_RECIPE`
-is its training recipe in this library's terms. Left out: lookahead (the trainer's EMA, selected on validation,
-stands in), test-time augmentation, the alternating flip and the whitening bias frozen after 3 epochs (here it
-trains throughout).
+stem (fitted to training images by :meth:`Airbench94.init_from_data`, which
+:func:`multiteach.build.build_trainer` calls before the trainer copies the model for its EMA; a model trained
+otherwise calls it first, and training an unfitted stem is refused), identity-initialized convolutions,
+BatchNorm scales frozen at 1 (momentum 0.4, eps 1e-12) and a 64x learning rate for the BatchNorm biases
+(:meth:`Airbench94.param_lr_scales`). :data:`AIRBENCH94_RECIPE` is its training recipe in this library's terms.
+Left out: lookahead (the trainer's EMA, selected on validation, stands in), test-time augmentation, the
+alternating flip and the whitening bias frozen after 3 epochs (here it trains throughout).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..data import Images
 
 
 def _conv_bn(cin: int, cout: int, kernel: int = 3) -> list[nn.Module]:
@@ -71,24 +76,46 @@ class AirbenchNet(nn.Module):
 class WhiteningConv(nn.Conv2d):
     """A frozen convolution that whitens the input's ``kernel`` x ``kernel`` patches (airbench's stem): its
     filters are the patch covariance's eigenvectors scaled by 1/sqrt(eigenvalue + eps), each also negated
-    (so 2 x C x k^2 channels), fitted by :meth:`fit`. The bias stays trainable."""
+    (so 2 x C x k^2 channels), fitted by :meth:`fit`. The per-channel standardization airbench applies first is
+    folded into the filters and a fixed offset (a buffer), so the stem takes raw images in [0, 1]; the bias
+    starts at 0 and trains, decayed towards 0, as airbench's. Training an unfitted stem is refused."""
 
     def __init__(self, in_chans: int = 3, kernel: int = 2) -> None:
         super().__init__(in_chans, 2 * in_chans * kernel * kernel, kernel, bias=True)
         self.weight.requires_grad_(False)
+        nn.init.zeros_(self.bias)
+        self.register_buffer("offset", torch.zeros(self.out_channels))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self._fit_seen = False  # checked once (a host sync), not every step
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and not self._fit_seen:
+            if not bool(self.fitted):
+                raise RuntimeError("the whitening stem is not fitted to data: call model.init_from_data(images) "
+                                   "first (multiteach's build_trainer does), or load a fitted model's checkpoint")
+            self._fit_seen = True
+        return self._conv_forward(x, self.weight, self.bias + self.offset)  # one bias, added in the conv
 
     @torch.no_grad()
-    def fit(self, images: Tensor, eps: float = 5e-4, chunk: int = 500) -> None:
-        """Fit to ``images`` (N, C, H, W) in [0, 1]: airbench whitens the patches of per-channel standardized
-        images (their uncentered covariance, eps relative to unit variance); that standardization is folded into
-        the filters and the bias here, so the stem takes the raw images."""
-        x = images.detach().to(torch.float64)
-        mean = x.mean(dim=(0, 2, 3))
-        std = x.std(dim=(0, 2, 3)).clamp_min(1e-12)
+    def fit(self, images: Tensor | Images, eps: float = 5e-4, chunk: int = 500) -> None:
+        """Fit to ``images`` (N, C, H, W) in [0, 1], a float tensor or uint8 :class:`~multiteach.data.Images`
+        (converted a chunk at a time): airbench whitens the patches of per-channel standardized images (their
+        uncentered covariance, eps relative to unit variance)."""
+        def parts() -> Iterator[Tensor]:
+            for lo in range(0, len(images), chunk):
+                yield images[lo:lo + chunk].to("cpu").to(torch.float64)
+
         k, c = self.kernel_size[0], self.in_channels
-        cov = x.new_zeros(c * k * k, c * k * k)
+        moments = torch.zeros(2, c, dtype=torch.float64)
+        pixels = 0
+        for part in parts():
+            moments += torch.stack([part.sum(dim=(0, 2, 3)), part.square().sum(dim=(0, 2, 3))])
+            pixels += part.numel() // c
+        mean = moments[0] / pixels
+        std = (moments[1] / pixels - mean.square()).clamp_min(1e-24).sqrt()
+        cov = torch.zeros(c * k * k, c * k * k, dtype=torch.float64)
         count = 0
-        for part in x.split(chunk):
+        for part in parts():
             z = (part - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
             patches = F.unfold(z, k).transpose(1, 2).reshape(-1, c * k * k)  # (patches, C*k*k), the filters' order
             cov += patches.T @ patches
@@ -96,10 +123,10 @@ class WhiteningConv(nn.Conv2d):
         eigenvalues, eigenvectors = torch.linalg.eigh(cov / max(count, 1))
         order = eigenvalues.argsort(descending=True)
         filters = (eigenvectors[:, order] / (eigenvalues[order] + eps).sqrt()).T.reshape(-1, c, k, k)
-        filters = torch.cat([filters, -filters])
-        weight = filters / std.view(1, -1, 1, 1)  # (z = (x - mean) / std) folded in
+        weight = torch.cat([filters, -filters]) / std.view(1, -1, 1, 1)  # (z = (x - mean) / std) folded in
         self.weight.copy_(weight.to(self.weight.dtype))
-        self.bias.copy_((-(weight * mean.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))).to(self.bias.dtype))
+        self.offset.copy_((-(weight * mean.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))).to(self.offset.dtype))
+        self.fitted.fill_(True)
 
 
 class Airbench94(AirbenchNet):
@@ -120,7 +147,7 @@ class Airbench94(AirbenchNet):
                 m.momentum, m.eps = bn_momentum, 1e-12
                 m.weight.requires_grad_(False)
 
-    def init_from_data(self, images: Tensor) -> None:
+    def init_from_data(self, images: Tensor | Images) -> None:
         """Fit the whitening stem to training images (N, C, H, W) in [0, 1]; airbench takes 5,000."""
         self.stem[0].fit(images)
 
