@@ -390,13 +390,14 @@ class Pipeline:
         return given or self.plan[role]["preset"]
 
     def options(self, role: str, preset: str, given: dict | None = None) -> dict[str, Any]:
-        """The options of the ``role`` stage's preset: the plan's that it takes, then ``given`` (and, for the
-        adversarial teacher, --adv-option's) over them. The plan's PGD step size goes with its steps: not to a
-        preset that takes no PGD steps (N-FGSM's ``alpha`` is its one step), nor where other steps are given
-        without a step size (``steps=10`` alone is the preset's own PGD-10)."""
+        """The options of the ``role`` stage's preset: the plan's that it takes, then ``given`` (and, for a
+        teacher, --adv-option's or --nat-option's) over them. The plan's PGD step size goes with its steps: not
+        to a preset that takes no PGD steps (N-FGSM's ``alpha`` is its one step), nor where other steps are
+        given without a step size (``steps=10`` alone is the preset's own PGD-10)."""
         accepted = get_preset(preset).options()
         options = {k: v for k, v in self.plan[role]["options"].items() if k in accepted}
-        given = {**(given_options("--adv-option", getattr(self.args, "adv_option", []), preset) if role == "adv"
+        flag = TEACHER_OPTION_FLAGS.get(role)
+        given = {**(given_options(flag, getattr(self.args, flag[2:].replace("-", "_"), []), preset) if flag
                     else {}), **(given or {})}
         if "steps" not in accepted or ("steps" in given and "alpha" not in given):
             options.pop("alpha", None)
@@ -422,6 +423,7 @@ class Pipeline:
         wd = {} if "weight_decay" in get_preset(preset).schedule else \
             {"weight_decay": 5e-4 if preset == "natural" else 2e-4}
         # a network that comes with its own natural recipe (cifar_airbench94's) trains with it, over the plan's
+        # settings, under --nat-option's
         # (at least ten steps an epoch on a small split)
         own = (natural_recipe(model, max_batch=len(self.splits.train) // 10) if preset == "natural" else None) \
             or {"train": {}, "options": {}}
@@ -601,6 +603,9 @@ class Pipeline:
         return result
 
 
+TEACHER_OPTION_FLAGS = {"adv": "--adv-option", "nat": "--nat-option"}  # a teacher stage's preset options
+
+
 def environment() -> dict[str, str]:
     """What a reported figure ran on: the device, torch, timm."""
     import timm
@@ -675,6 +680,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nat-teacher", help="natural teacher checkpoint (skips its training)")
     p.add_argument("--nat-arch", help="its timm name (default: the plan's; a network with its own natural recipe, "
                                       "cifar_airbench94, trains with it)")
+    p.add_argument("--nat-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of its preset (natural), over the plan's and its network's recipe (e.g. "
+                        "label_smoothing=0); repeatable")
     p.add_argument("--preset", default="mtard", help="student recipe: mtard, bmtard, rslad, ard, baseline_mt, ...")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the student's preset, over the plan's (e.g. reduction=mean, the official "
@@ -702,9 +710,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.option:  # option values checked before any training
         run.check_build("--option", args.preset, args.student or run.plan["student"]["model"],
                         run.options("student", args.preset, options), {k: v for k, v in archs.items() if k in need})
-    if args.adv_option and not args.adv_teacher:
-        preset = run.teacher_preset("adv")
-        run.check_build("--adv-option", preset, archs["adv"], run.options("adv", preset))
+    for role, flag in TEACHER_OPTION_FLAGS.items():
+        if getattr(args, flag[2:].replace("-", "_")) and not getattr(args, f"{role}_teacher"):
+            preset = run.teacher_preset(role)
+            run.check_build(flag, preset, archs[role], run.options(role, preset))
     given = {"nat": (args.nat_teacher, args.nat_arch, args.nat_epochs),
              "adv": (args.adv_teacher, args.adv_arch, args.adv_epochs)}
     planned = {r: run.planned_teacher(r, *given[r]) for r in need if r in given}

@@ -222,7 +222,8 @@ def test_the_adversarial_teacher_can_come_from_another_preset(cifar_slice, tmp_p
 def test_a_natural_teacher_that_comes_with_its_own_recipe_trains_with_it(cifar_slice, tmp_path):
     """--nat-arch cifar_airbench94: airbench94's settings (Nesterov 0.85, one-cycle, label smoothing 0.2, its LR
     per example) over the plan's, the plan's EMA and validation kept; on a small split a smaller batch, its LR
-    scaled with it. ResNet-18's natural teacher keeps the plan's batch 512 / lr 0.4."""
+    scaled with it. ResNet-18's natural teacher keeps the plan's batch 512 / lr 0.4. --nat-option goes over the
+    network's recipe; a bad one is refused."""
     example = load("mtard_cifar")
     run = example.Pipeline(example.parser().parse_args(
         ["--plan", "speedrun", "--data-dir", str(cifar_slice), "--run-dir", str(tmp_path)]))
@@ -236,6 +237,11 @@ def test_a_natural_teacher_that_comes_with_its_own_recipe_trains_with_it(cifar_s
     assert t.ema_decay == 0.999 and t.epochs == 60
     plain = run.teacher_config("nat").train
     assert (plain.batch_size, plain.lr, plain.momentum, plain.schedule) == (512, 0.4, 0.9, "cosine")
+    args = ["--plan", "speedrun", "--data-dir", str(cifar_slice), "--run-dir", str(tmp_path)]
+    sharp = example.Pipeline(example.parser().parse_args([*args, "--nat-option", "label_smoothing=0"]))
+    assert sharp.teacher_config("nat", "cifar_airbench94").options == {"label_smoothing": 0}  # over the recipe's
+    with pytest.raises(ValueError, match="not an option of preset 'natural'"):
+        example.Pipeline(example.parser().parse_args([*args, "--nat-option", "steps=3"])).teacher_config("nat")
 
 def student_teachers(folder: Path) -> dict[str, tuple[str, str]]:
     return {"adv": ("cifar_resnet18", str(folder / "a.pt")), "nat": ("cifar_resnet18", str(folder / "n.pt"))}
