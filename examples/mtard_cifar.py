@@ -425,8 +425,9 @@ class Pipeline:
         # a network that comes with its own natural recipe (cifar_airbench94's) trains with it, over the plan's
         # settings, under --nat-option's
         # (at least ten steps an epoch on a small split)
-        own = (natural_recipe(model, max_batch=len(self.splits.train) // 10) if preset == "natural" else None) \
-            or {"train": {}, "options": {}}
+        world = self.dist.world
+        own = (natural_recipe(model, max_batch=len(self.splits.train) // (10 * world), world=world)
+               if preset == "natural" else None) or {"train": {}, "options": {}}
         return stage_config(preset, model, self.data, "unused",
                             options={**own["options"], **self.options(role, preset)},
                             **self._train(role, wd, allot, epochs=epochs or spec["epochs"], **own["train"]))

@@ -89,7 +89,7 @@ def test_airbench94_whitening_stem_is_airbenchs_and_the_rest_starts_as_airbench_
     refuses to train unfitted. Each group's second conv starts as the identity; the BN scales are frozen and only
     the BN biases get the 64x LR. The folded eval view still computes the model."""
     from multiteach.data import Images
-    from multiteach.fast import folded_eval
+    from multiteach.fast import _fast_copy, fold_batchnorm, folded_eval
 
     torch.manual_seed(0)
     model = timm.create_model("cifar_airbench94", num_classes=10)
@@ -122,7 +122,12 @@ def test_airbench94_whitening_stem_is_airbenchs_and_the_rest_starts_as_airbench_
     assert set(scales.values()) == {64.0} and len(scales) == len(bns)
     model.eval()
     with torch.no_grad():
-        assert torch.allclose(folded_eval(model)(raw[:8]), model(raw[:8]), atol=1e-5)
+        want = model(raw[:8])
+        assert torch.allclose(folded_eval(model)(raw[:8]), want, atol=1e-5)
+        assert torch.allclose(fold_batchnorm(model)(raw[:8]), want, atol=1e-5)
+        fast = _fast_copy(model, torch.bfloat16)  # the fast path's teacher copy (CUDA only there), in bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert (fast(raw[:8]).float().argmax(1) == want.argmax(1)).float().mean() >= 0.75
 
 
 def test_natural_recipe_is_airbench94s_own_and_scales_its_lr_with_a_smaller_batch():
@@ -136,4 +141,7 @@ def test_natural_recipe_is_airbench94s_own_and_scales_its_lr_with_a_smaller_batc
     small = natural_recipe("cifar_airbench94", max_batch=256)
     assert small["train"]["batch_size"] == 256 and small["train"]["lr"] == pytest.approx(0.375)
     assert natural_recipe("cifar_airbench94", max_batch=4096)["train"]["batch_size"] == 1024
+    ddp = natural_recipe("cifar_airbench94", world=8)["train"]  # a global batch of 1,024: 128 a process
+    assert ddp["batch_size"] == 128 and ddp["lr"] == pytest.approx(1.5)
+    assert natural_recipe("cifar_airbench94", max_batch=64, world=8)["train"]["lr"] == pytest.approx(0.75)
     mt.TrainConfig(**own["train"])  # valid settings

@@ -101,15 +101,19 @@ def cifar_airbench94(pretrained: bool = False, **kwargs: Any) -> nn.Module:
 _NATURAL_RECIPES = {"cifar_airbench94": AIRBENCH94_RECIPE}
 
 
-def natural_recipe(name: str, max_batch: int | None = None) -> dict[str, dict[str, Any]] | None:
+def natural_recipe(name: str, max_batch: int | None = None, world: int = 1) -> dict[str, dict[str, Any]] | None:
     """The natural-training settings a network comes with (``{"train": TrainConfig fields, "options": the natural
-    preset's}``), or None: a network tuned with its own recipe trains best with it. ``max_batch``: a smaller
-    batch where the recipe's would leave a small training split few steps, its LR scaled with it (linearly)."""
+    preset's}``), or None: a network tuned with its own recipe trains best with it. Its batch is global: under
+    ``world`` processes each takes its share (TrainConfig's batch is per process). ``max_batch`` (per process):
+    a smaller batch where the recipe's would leave a small training split few steps, the LR scaled with the
+    global batch (linearly)."""
     recipe = _NATURAL_RECIPES.get(name)
     if recipe is None:
         return None
     train = dict(recipe["train"])
-    if max_batch is not None and train["batch_size"] > max_batch >= 1:
-        train["lr"] *= max_batch / train["batch_size"]
-        train["batch_size"] = max_batch
+    batch = max(train["batch_size"] // max(world, 1), 1)
+    if max_batch is not None and max_batch >= 1:
+        batch = min(batch, max_batch)
+    train["lr"] *= batch * max(world, 1) / train["batch_size"]
+    train["batch_size"] = batch
     return {"train": train, "options": dict(recipe["options"])}
