@@ -426,7 +426,7 @@ class Pipeline:
         # settings, under --nat-option's
         # (at least ten steps an epoch on a small split)
         world = self.dist.world
-        own = (natural_recipe(model, max_batch=len(self.splits.train) // (10 * world), world=world)
+        own = (natural_recipe(model, max_batch=max(1, len(self.splits.train) // (10 * world)), world=world)
                if preset == "natural" else None) or {"train": {}, "options": {}}
         return stage_config(preset, model, self.data, "unused",
                             options={**own["options"], **self.options(role, preset)},
@@ -712,7 +712,10 @@ def main(argv: list[str] | None = None) -> dict:
         run.check_build("--option", args.preset, args.student or run.plan["student"]["model"],
                         run.options("student", args.preset, options), {k: v for k, v in archs.items() if k in need})
     for role, flag in TEACHER_OPTION_FLAGS.items():
-        if getattr(args, flag[2:].replace("-", "_")) and not getattr(args, f"{role}_teacher"):
+        if getattr(args, flag[2:].replace("-", "_")):
+            if getattr(args, f"{role}_teacher"):
+                raise ValueError(f"{flag} sets how the {role} teacher trains, and --{role}-teacher gives a trained "
+                                 f"one: drop one of them")
             preset = run.teacher_preset(role)
             run.check_build(flag, preset, archs[role], run.options(role, preset))
     given = {"nat": (args.nat_teacher, args.nat_arch, args.nat_epochs),

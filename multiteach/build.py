@@ -134,7 +134,8 @@ def build_trainer(cfg: ExperimentConfig, *, dist: DistContext | None = None, con
     seed_everything(cfg.train.seed + dist.rank)
     splits = splits or load_splits(cfg.data, synthetic_data)
     recipe = build_recipe(cfg, splits.num_classes, image_size=splits.image_size)  # a size mismatch: refused now
-    init_from_data(recipe.student, splits, workers=cfg.data.workers)  # before the trainer's EMA copy
+    if cfg.student.checkpoint is None:  # a given student keeps its own; before the trainer's EMA copy
+        init_from_data(recipe.student, splits, workers=cfg.data.workers)
     log = console.log if console is not None and dist.is_main else None
     common = dict(kind=cfg.data.loader, augment=splits.augment, image_size=splits.image_size, device=device,
                   rank=dist.rank, world=dist.world, workers=cfg.data.workers, log=log)

@@ -242,6 +242,9 @@ def test_a_natural_teacher_that_comes_with_its_own_recipe_trains_with_it(cifar_s
     assert sharp.teacher_config("nat", "cifar_airbench94").options == {"label_smoothing": 0}  # over the recipe's
     with pytest.raises(ValueError, match="not an option of preset 'natural'"):
         example.Pipeline(example.parser().parse_args([*args, "--nat-option", "steps=3"])).teacher_config("nat")
+    (tmp_path / "n.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="--nat-option sets how the nat teacher trains, and --nat-teacher"):
+        example.main([*args, "--nat-option", "label_smoothing=0", "--nat-teacher", str(tmp_path / "n.pt")])
 
 def student_teachers(folder: Path) -> dict[str, tuple[str, str]]:
     return {"adv": ("cifar_resnet18", str(folder / "a.pt")), "nat": ("cifar_resnet18", str(folder / "n.pt"))}

@@ -484,6 +484,14 @@ def test_a_networks_lr_multipliers_and_data_init_reach_the_trainer(tmp_path):
     assert fast[0]["lr"] == pytest.approx(64 * plain[0]["lr"]) and 0 < plain[0]["lr"] < 0.05  # the last step's
     assert torch.equal(stem.weight, frozen) and not torch.equal(stem.bias, want.bias)
     assert all(torch.all(m.weight == 1) for m in student.modules() if isinstance(m, nn.BatchNorm2d))
+    given = student.state_dict()
+    given["stem.0.weight"] = 2 * given["stem.0.weight"]  # a stem fitted elsewhere: kept, not refitted here
+    mt.atomic_save({"model": given}, tmp_path / "given.pt")
+    cfg2 = cfg.model_copy(update={"student": mt.ModelConfig(model="cifar_airbench94",
+                                                            checkpoint=str(tmp_path / "given.pt")),
+                                  "run_dir": str(tmp_path / "run2")})
+    again = build.build_trainer(cfg2, splits=splits).recipe.student
+    assert torch.equal(again.stem[0].weight, given["stem.0.weight"])
 
 def test_schedules():
     cos = TrainConfig(epochs=10, schedule="cosine")

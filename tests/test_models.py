@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import timm
 import torch
@@ -111,6 +113,10 @@ def test_airbench94_whitening_stem_is_airbenchs_and_the_rest_starts_as_airbench_
         assert torch.allclose(ours[:, k], sign * want[:, k], atol=1e-3 * want[:, k].abs().max().item())
         assert torch.allclose(ours[:, 12 + k], -ours[:, k], atol=1e-5)
     model(raw[:4])  # fitted: it trains
+    trained = copy.deepcopy(model)
+    trained.load_state_dict(timm.create_model("cifar_airbench94").state_dict())  # an unfitted stem's weights
+    with pytest.raises(RuntimeError, match="not fitted"):
+        trained(raw[:4])
     conv2 = model.groups[0][4]
     h = torch.randn(2, conv2.in_channels, 8, 8)
     assert torch.allclose(conv2(h), h, atol=1e-6)  # dirac: identity at the start

@@ -23,6 +23,7 @@ alternating flip and the whitening bias frozen after 3 epochs (here it trains th
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,10 @@ class WhiteningConv(nn.Conv2d):
                                    "first (multiteach's build_trainer does), or load a fitted model's checkpoint")
             self._fit_seen = True
         return self._conv_forward(x, self.weight, self.bias + self.offset)  # one bias, added in the conv
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._fit_seen = False  # weights loaded: their `fitted` is checked again
 
     @torch.no_grad()
     def fit(self, images: Tensor | Images, eps: float = 5e-4, chunk: int = 500) -> None:
