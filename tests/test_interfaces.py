@@ -338,6 +338,30 @@ def test_the_accelerated_recipe_trains_checkpoints_and_resumes(tmp_path):
         torch.testing.assert_close(resumed.student.state_dict()[k], v, rtol=0, atol=0, msg=k)
 
 
+
+def test_a_whitening_stem_teacher_takes_the_fast_path():
+    """cifar_airbench94 as MTARD's natural teacher through the CUDA fast path's wiring on the CPU: its bf16
+    BN-folded copy (the fitted stem's buffers converted with it) replays in the step, and the step's losses
+    agree with the eager recipe's as for any teacher."""
+    from multiteach.fast import FastTeacher
+    from multiteach.models import Airbench94
+
+    torch.manual_seed(0)
+    nat = Airbench94()
+    nat.init_from_data(torch.rand(64, 3, 32, 32))
+    recipe = mt.presets.mtard(tiny_net(seed=0), mt.Teacher(tiny_net(seed=1)), mt.Teacher(nat), steps=2,
+                              start="uniform", reduction="batchmean")
+    eager = copy.deepcopy(recipe)
+    mt.fast.accelerate(recipe, "bf16", capture=FakeCapture)
+    assert isinstance(recipe.teachers[1], FastTeacher)
+    x, y = batch(16)
+    with torch.autocast("cpu", torch.bfloat16):
+        torch.manual_seed(1)
+        fast_out = recipe(x, y)
+        torch.manual_seed(1)
+        eager_out = eager(x, y)
+    torch.testing.assert_close(fast_out.losses.float(), eager_out.losses.float(), rtol=0.05, atol=1e-3)
+
 def test_an_attack_on_a_frozen_teacher_replays_its_graph_after_the_swap():
     """PGD(model=teacher): after the swap the recipe hands the transform the FastTeacher, which must be the
     model it replays for (not the original, which would run it eagerly every step)."""
