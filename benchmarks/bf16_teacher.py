@@ -26,8 +26,7 @@ from multiteach.teachers import load_model
 
 def logits(model: torch.nn.Module, x: torch.Tensor, bf16: bool, batch: int = 500) -> torch.Tensor:
     with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        return torch.cat([model(b.to(torch.bfloat16) if next(model.parameters()).dtype == torch.bfloat16 else b)
-                          for b in x.split(batch)]).float()
+        return torch.cat([model(b) for b in x.split(batch)]).float()  # autocast casts b for the bf16 copy too
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:

@@ -396,9 +396,8 @@ class Pipeline:
         given without a step size (``steps=10`` alone is the preset's own PGD-10)."""
         accepted = get_preset(preset).options()
         options = {k: v for k, v in self.plan[role]["options"].items() if k in accepted}
-        flag = TEACHER_OPTION_FLAGS.get(role)
-        given = {**(given_options(flag, getattr(self.args, flag[2:].replace("-", "_"), []), preset) if flag
-                    else {}), **(given or {})}
+        given = {**(given_options(f"--{role}-option", getattr(self.args, f"{role}_option", []), preset)
+                    if role in TEACHER_ROLES else {}), **(given or {})}
         if "steps" not in accepted or ("steps" in given and "alpha" not in given):
             options.pop("alpha", None)
         return {**options, **given}
@@ -423,8 +422,7 @@ class Pipeline:
         wd = {} if "weight_decay" in get_preset(preset).schedule else \
             {"weight_decay": 5e-4 if preset == "natural" else 2e-4}
         # a network that comes with its own natural recipe (cifar_airbench94's) trains with it, over the plan's
-        # settings, under --nat-option's
-        # (at least ten steps an epoch on a small split)
+        # settings and under --nat-option's; a small split keeps at least ten steps an epoch
         world = self.dist.world
         own = (natural_recipe(model, max_batch=max(1, len(self.splits.train) // (10 * world)), world=world)
                if preset == "natural" else None) or {"train": {}, "options": {}}
@@ -604,7 +602,7 @@ class Pipeline:
         return result
 
 
-TEACHER_OPTION_FLAGS = {"adv": "--adv-option", "nat": "--nat-option"}  # a teacher stage's preset options
+TEACHER_ROLES = ("adv", "nat")  # each with its --ROLE-option, --ROLE-teacher, --ROLE-arch
 
 
 def environment() -> dict[str, str]:
@@ -711,13 +709,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.option:  # option values checked before any training
         run.check_build("--option", args.preset, args.student or run.plan["student"]["model"],
                         run.options("student", args.preset, options), {k: v for k, v in archs.items() if k in need})
-    for role, flag in TEACHER_OPTION_FLAGS.items():
-        if getattr(args, flag[2:].replace("-", "_")):
+    for role in TEACHER_ROLES:
+        if getattr(args, f"{role}_option"):
             if getattr(args, f"{role}_teacher"):
-                raise ValueError(f"{flag} sets how the {role} teacher trains, and --{role}-teacher gives a trained "
-                                 f"one: drop one of them")
+                raise ValueError(f"--{role}-option sets how the {role} teacher trains, and --{role}-teacher gives a "
+                                 f"trained one: drop one of them")
             preset = run.teacher_preset(role)
-            run.check_build(flag, preset, archs[role], run.options(role, preset))
+            run.check_build(f"--{role}-option", preset, archs[role], run.options(role, preset))
     given = {"nat": (args.nat_teacher, args.nat_arch, args.nat_epochs),
              "adv": (args.adv_teacher, args.adv_arch, args.adv_epochs)}
     planned = {r: run.planned_teacher(r, *given[r]) for r in need if r in given}

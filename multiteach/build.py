@@ -120,11 +120,16 @@ def init_from_data(model: torch.nn.Module, splits: Splits, n: int = DATA_INIT_IM
     if fit is None:
         return False
     pick = np.sort(np.random.default_rng(0).permutation(len(splits.train))[:n])
-    train = splits.train.take(pick)
-    if isinstance(train, Files):
-        train = decode(train, int(splits.image_size or DEFAULT_FILE_IMAGE_SIZE), eval_crop(splits.augment), workers)
-    fit(Images(train.x))
+    fit(_images(splits.train.take(pick), splits, workers))
     return True
+
+
+def _images(split: Split, splits: Splits, workers: int | None) -> Images:
+    """A split's images as uint8 :class:`~multiteach.data.Images`; image files decoded once by ``workers``
+    processes at ``splits.image_size``, centre-cropped as after ``splits.augment`` training."""
+    if isinstance(split, Files):
+        split = decode(split, int(splits.image_size or DEFAULT_FILE_IMAGE_SIZE), eval_crop(splits.augment), workers)
+    return Images(split.x)
 
 
 def build_trainer(cfg: ExperimentConfig, *, dist: DistContext | None = None, console: Console | None = None,
@@ -155,9 +160,7 @@ def eval_tensors(splits: Splits, n: int | None = None, workers: int | None = Non
     a batch at a time) and their labels; image files are decoded once by ``workers`` processes at
     ``splits.image_size``, centre-cropped as after ``splits.augment`` training."""
     test = splits.test if n is None else splits.test.take(np.arange(min(n, len(splits.test))))
-    if isinstance(test, Files):
-        test = decode(test, int(splits.image_size or DEFAULT_FILE_IMAGE_SIZE), eval_crop(splits.augment), workers)
-    return Images(test.x), torch.from_numpy(test.y)
+    return _images(test, splits, workers), torch.from_numpy(test.y)
 
 
 __all__ = ["DATA_INIT_IMAGES", "DEFAULT_FILE_IMAGE_SIZE", "Splits", "build_model", "build_recipe", "build_trainer",
