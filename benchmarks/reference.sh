@@ -34,6 +34,7 @@ stamp=$(mktemp)  # files newer than this were written by this command
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+since() { python3 -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$1"; }
 if ! python3 -c "import pydantic" 2>/dev/null; then
   if ! ls .gpu/wheels/*.whl >/dev/null 2>&1; then
     echo "pydantic is missing and there are no wheels in .gpu/wheels: see ../shared/GPU.md" >&2
@@ -45,6 +46,7 @@ fi
 if [ -d .gpu/site ]; then export PYTHONPATH=$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}; fi  # pyautoattack
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
+wheels_s=$(since "$start")
 DATA_DIR=${DATA_DIR:-/tmp/cifar10}
 if [ ! -f "$DATA_DIR/train.npz" ]; then
   prepare=.gpu/data/prepare.py
@@ -54,7 +56,9 @@ fi
 RUN_DIR=${RUN_DIR:-/tmp/multiteach_reference}
 left=$(python3 -c "import sys, time; print(f'{float(sys.argv[1]) - (time.time() - float(sys.argv[2])):.1f}')" \
        "${BUDGET:-540}" "$start")
-echo "reference run: ${left} s of ${BUDGET:-540} s left after setup"
+# the setup's parts in the log too (H200 run 6's ~28 s against run 4's ~21 could not be split afterwards)
+echo "reference run: ${left} s of ${BUDGET:-540} s left after setup ($(since "$start") s: wheels ${wheels_s} s," \
+     "then the data)" | tee "$OUT/reference.log"
 set +e
 # SIGTERM GRACE (45) s past the budget, or 5 s before WALL: a stage checkpoints, the evaluation keeps its finished
 # rows in eval.json, the example ends in one line (timeout then exits 124); the same command resumes
@@ -68,7 +72,7 @@ timeout --signal=TERM "$stop" \
   python3 examples/mtard_cifar.py --plan "${PLAN:-speedrun}" --budget "${BUDGET:-540}" --started-at "$start" \
     --data-dir "$DATA_DIR" ${wall:+--wall "$wall"} \
     --run-dir "$RUN_DIR/run" --teacher-cache "$RUN_DIR/teachers" --folder-by-config --autoattack --quiet "$@" 2>&1 \
-  | tee "$OUT/reference.log"
+  | tee -a "$OUT/reference.log"
 rc=${PIPESTATUS[0]}
 set -e
 # this command's student: the run folder it wrote into (others there are earlier commands' students)
