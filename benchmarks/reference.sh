@@ -46,7 +46,7 @@ fi
 if [ -d .gpu/site ]; then export PYTHONPATH=$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}; fi  # pyautoattack
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
-wheels_s=$(since "$start")
+wheels_s=$(since "$start")  # the pydantic probe, and the wheels' install where it fails
 DATA_DIR=${DATA_DIR:-/tmp/cifar10}
 if [ ! -f "$DATA_DIR/train.npz" ]; then
   prepare=.gpu/data/prepare.py
@@ -56,9 +56,11 @@ fi
 RUN_DIR=${RUN_DIR:-/tmp/multiteach_reference}
 left=$(python3 -c "import sys, time; print(f'{float(sys.argv[1]) - (time.time() - float(sys.argv[2])):.1f}')" \
        "${BUDGET:-540}" "$start")
-# the setup's parts in the log too (H200 run 6's ~28 s against run 4's ~21 could not be split afterwards)
-echo "reference run: ${left} s of ${BUDGET:-540} s left after setup ($(since "$start") s: wheels ${wheels_s} s," \
-     "then the data)" | tee "$OUT/reference.log"
+# the setup's parts, with the clock time the example's log lines compare with, in the log too
+setup_s=$(since "$start")
+echo "reference run: started $(date -d "@$start" +%T); setup ${setup_s} s (wheels ${wheels_s} s, data" \
+     "$(python3 -c "import sys; print(f'{float(sys.argv[1]) - float(sys.argv[2]):.1f}')" "$setup_s" "$wheels_s") s);" \
+     "${left} s of ${BUDGET:-540} s left" | tee "$OUT/reference.log"
 set +e
 # SIGTERM GRACE (45) s past the budget, or 5 s before WALL: a stage checkpoints, the evaluation keeps its finished
 # rows in eval.json, the example ends in one line (timeout then exits 124); the same command resumes

@@ -92,24 +92,23 @@ TINY = {
 # plain PGD-AT script of RECIPES.md): with 2/255 steps a uniform start leaves pixels short of the boundary, a
 # weaker attack than the official PGD-10's (benchmarks/attack_strength.py, RESULTS.md); 4/255 matches it. (The
 # speedrun's SAT teacher takes 2/255 steps all the same: measured, below.)
-# SPEEDRUN: the one-command reference on one H100 (`--budget 540`); epochs come from the budget (at most these).
-# The natural teacher is airbench94's network with its own start and recipe (cifar_airbench94, natural_recipe:
-# batch 1,024): H200 run 6 (RESULTS.md) trained it to 89.84% clean in its 30 s (59 epochs, ~146,000 img/s) where
-# ResNet-18 reached 86.51 in run 4's 28 s, and the MTARD student from the same adversarial teacher came 1.0 W-Robust
-# point nearer it (-0.55 against -1.56). ResNet-18's batch 512 / lr 0.4 (its step is launch-bound: 2x img/s at
-# 512) stays for --nat-arch cifar_resnet18. Batch 256 / lr 0.2 for the attack stages (run B: more steps beat the
-# ~10% more img/s of batch 512). The SAT teacher's PGD-5 takes 2/255 steps from a uniform start, the student's
-# 4/255: runs 4 to 7 (four runs, the floor's best figures) ran so; with 4/255 for the teacher too (run 2) it was
-# 2 points less accurate, 1.8 more robust, the same W-Robust, and its student no better (-1.72). KL averaged per
-# sample (batchmean), so a short run is not trained at a tenth of the step the official 1/C scale gives; EMA of
-# the weights, selected against the raw ones. The evaluation reserve holds both models' rows (~45 s on an H200)
-# and AutoAttack on 1,000 images in one call: runs 1, 2 and 4 fit ~44 s a call plus ~42 ms an image (85 s for
-# 1,000 in run 2), the fixed part ~6,900 single-image passes at the latency run 6 measured (6.6 ms); else the
-# most images that fit, in twentieths, as one call. The teacher's rows run before the student's AutoAttack: a
-# call cut at the budget then costs AutoAttack's images, not the teacher's row (run 6 lost it so). Without
-# AutoAttack (--no-autoattack: a lever's call) the student keeps back 35 s, not 160: its own rows, the natural
-# teacher's clean accuracy and the teacher's PGD_SAT (~30 s on the H200 in run 2); the teacher's other rows run
-# if time is left.
+# SPEEDRUN: the one-command reference on one H100 (`--budget 540`); epochs come from the budget (at most these). The
+# natural teacher is airbench94's network with its own start and recipe (cifar_airbench94, natural_recipe: batch
+# 1,024): H200 run 6 (RESULTS.md) trained it to 89.84% clean in its 30 s (59 epochs, ~146,000 img/s) where ResNet-18
+# reached 86.51 in run 4's 28 s; the MTARD student gained 0.55 W-Robust (61.78 against 61.23) and ended 0.55 under
+# its own adversarial teacher, not 1.56. ResNet-18's batch 512 / lr 0.4 (its step is launch-bound: 2x img/s at 512)
+# stays for --nat-arch cifar_resnet18. Batch 256 / lr 0.2 for the attack stages (run B: more steps beat the ~10% more
+# img/s of batch 512). The SAT teacher's PGD-5 takes 2/255 steps from a uniform start, the student's 4/255: the
+# teachers of runs 4 and 6 (and the students of runs 5 and 7 from them) ran so; with 4/255 for the teacher too (run
+# 2) it was 2.2 points less accurate, 1.8 more robust, the same W-Robust, its student no better. KL averaged per
+# sample (batchmean), so a short run is not trained at a tenth of the step the official 1/C scale gives; EMA of the
+# weights, selected against the raw ones. The evaluation reserve holds both models' rows (~45 s on an H200) and
+# AutoAttack on 1,000 images in one call: runs 1, 2 and 4 fit ~44 s a call plus ~42 ms an image (85 s for 1,000 in
+# run 2), the fixed part ~6,900 single-image passes at the latency run 6 measured (6.6 ms); else the most images that
+# fit, in twentieths, as one call. The teacher's rows run before the student's AutoAttack: a call cut at the budget
+# then costs AutoAttack's images, not the teacher's row (run 6 lost it so). Without AutoAttack (--no-autoattack: a
+# lever's call) the student keeps back 35 s, not 160: its own rows, the natural teacher's clean accuracy and the
+# teacher's PGD_SAT (~30 s on the H200 in run 2); the teacher's other rows run if time is left.
 # The table runs with TF32 allowed (cuDNN's default, as run 1 did without saying so): in strict fp32 the
 # rows and AutoAttack's arithmetic take longer than the reserve holds. One check row, the student's PGD_SAT on
 # the first 1,000 images in strict fp32, shows what TF32 changes; the table's title says which.
@@ -641,7 +640,9 @@ def w_robust_gap(student: Report, teacher: Report) -> dict[str, float]:
 def reference_rich_table(reports: dict, timings: dict[str, float], skipped: list[str], tf32: bool = False,
                          gap: dict[str, float] | None = None) -> Any:
     """One table: every model's rows (clean, robust, W-Robust on the same images); below it the student's
-    W-Robust against its adversarial teacher's and the stage times."""
+    W-Robust against its adversarial teacher's and the stage times. Names are text, not markup (a lever's label
+    holds its options in square brackets)."""
+    from rich.markup import escape
     from rich.table import Table
 
     n = max((r.n for r in reports.values()), default=0)
@@ -649,10 +650,11 @@ def reference_rich_table(reports: dict, timings: dict[str, float], skipped: list
     t = Table(title=f"Test set, n = {n} ({precision_label(tf32)}, eval mode, L-inf eps 8/255)",
               caption=(f"W-Robust, student - adversarial teacher (points): {versus}\n" if versus else "")
               + "stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-              + (f"; not run: {', '.join(skipped)}" if skipped else ""))
+              + (f"; not run: {escape(', '.join(skipped))}" if skipped else ""))
     for col in ("model", "attack", "n", "clean %", "robust %", "W-Robust %", "s"):
         t.add_column(col, justify="left" if col in ("model", "attack") else "right")
-    for name, rep in reports.items():
+    for label, rep in reports.items():
+        name = escape(label)
         if not rep.rows:
             clean = rep.meta.get("clean")
             t.add_row(name, "clean only", str(rep.n), f"{100 * clean:.2f}" if clean is not None else "-", "", "", "")

@@ -433,6 +433,9 @@ class TimedEvaluation:
                         self.skipped.append(f"{model_name}/{name}: images {lo}-{n} (no time left)")
                     break
                 hi = min(lo + fits[0], n)
+                call = {"images": hi - lo, "predicted_s": round(self.predict(attack, hi - lo, model_name), 3)}
+                if model_name in self.reports:  # each call beside the prediction it ran on, cut ones too
+                    self.reports[model_name].meta.setdefault("calls", {}).setdefault(name, []).append(call)
                 t1 = time.perf_counter()
                 try:  # a latency-bound attack pays its fixed part per call: the whole chunk in one
                     # the modes, precision and grad mode entered outside the deadline: restored whatever a cut left
@@ -444,6 +447,7 @@ class TimedEvaluation:
                         chunk_clean = None if tf32 == self.tf32 else correct_mask(
                             model, self.x[lo:hi], self.y[lo:hi], None, self.batch_size, self.device, tf32)
                 except DeadlinePassed:  # the chunk is dropped, the chunks before it stand
+                    call.update(seconds=round(time.perf_counter() - t1, 3), cut=True)
                     self.skipped.append(f"{model_name}/{name}" + (f": images {lo}-{n}" if lo else "")
                                         + " (cut at the time budget)")
                     if lo == 0:
@@ -458,6 +462,7 @@ class TimedEvaluation:
                 if chunk_clean is not None:
                     clean.append(chunk_clean)
                 seconds = time.perf_counter() - t1
+                call["seconds"] = round(seconds, 3)
                 if getattr(attack, "steps", None) is not None and not latency_bound and tf32 == self.tf32:
                     rate = self._passes.setdefault(model_name, [0.0, 0.0])  # a known count of passes, this precision
                     rate[0] += seconds

@@ -413,6 +413,9 @@ def test_a_row_running_past_the_time_left_is_cut_and_the_table_goes_on(net_and_d
     assert row is not None and row.n == 16 and row.clean == pytest.approx(16 / 16)  # the first 16 are correct
     assert row.robust == pytest.approx(1.0)  # Stalls returns x: the clean images
     assert te.skipped[-1] == "m/chunked: images 16-48 (cut at the time budget)"
+    calls = te.reports["m"].meta["calls"]
+    assert [c["images"] for c in calls["slow"]] == [64] and calls["slow"][0]["cut"]
+    assert [(c["images"], c.get("cut", False)) for c in calls["chunked"]] == [(16, False), (16, True)]
     forced = Stalls(seconds=2.5)  # a required row runs past the time left: never cut
     assert te.row("m", net, "forced", forced, required=True).n == 64 and forced.finished_stalls == 1
     assert te.row("m", net, "ok", Counted(_pgd())).n == 64  # no alarm left over from the cuts
@@ -507,6 +510,8 @@ def test_a_latency_bound_row_runs_the_most_images_that_fit_in_one_call(net_and_d
     row = te.row("m", net, "slow", slow, n=60, chunk=example._chunks(60))
     assert sizes == [33] and row.n == 33  # twentieths of 60: 60, 57, ..., 36, 33: the largest under 35
     assert te.skipped == ["m/slow: images 33-60 (no time left)"]
+    # each call in the report beside its prediction (what a GPU run's eval.json keeps for recalibrating)
+    assert te.reports["m"].meta["calls"]["slow"] == [{"images": 33, "predicted_s": 43.0, "seconds": 43.0}]
     # halves and quarters (the reference's choice until run 4) cover fewer images
     sizes.clear()
     clock[0] = 0.0

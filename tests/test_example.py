@@ -1,5 +1,6 @@
 import argparse
 import importlib.util
+import io
 import json
 import os
 import re
@@ -11,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
-from multiteach.evaluation import TimedEvaluation
+from multiteach.evaluation import Report, TimedEvaluation
 from multiteach.pipeline import run_command
 from tests.conftest import SHARED
 
@@ -170,6 +172,12 @@ def test_reference_wrapper_out_of_time_still_ends_with_an_evaluated_student(cifa
     result = json.loads((out / "eval.json").read_text())
     assert [r["attack"] for r in result["rows"]] == ["pgd_sat"]
     assert result["options"] == [lever] and next(iter(result["models"])).startswith(f"mtard student [{lever}] (")
+    # printed as written, not taken for rich markup (which dropped "[...]" silently)
+    table = load("mtard_cifar").reference_rich_table(
+        {"mtard student [beta=2] (x)": Report(n=1, meta={"clean": 0.5})}, {}, ["mtard student [beta=2] (x)/fgsm"])
+    console = Console(width=300, file=io.StringIO())
+    console.print(table)
+    assert console.file.getvalue().count("mtard student [beta=2] (x)") == 2
     assert result["skipped"] and all(s["spent_s"] > 0 for s in result["budget"]["stages"].values())
     assert result["budget"]["deadline_in_s"] == 900 - 5 - 2  # WALL less its kill's 5 s and the tiny exit margin
     assert "Test set, n = 32" in proc.stdout
@@ -267,7 +275,7 @@ def test_every_lever_is_a_command_line_option_and_bad_values_end_before_any_trai
     run = example.Pipeline(example.parser().parse_args(
         [*args, "--budget", "540", "--share", "adv=0.45", "--share", "student=0.45"]))
     assert run.budget.shares == {"nat": 0.085, "adv": 0.45, "student": 0.45}
-    airbench = run.planned_teacher("nat", model="cifar_airbench")  # --nat-arch: its own cache entry, not ResNet-18's
+    airbench = run.planned_teacher("nat", model="cifar_airbench")  # --nat-arch: its own cache entry, not the plan's
     assert airbench[0] == "cifar_airbench" and airbench[1] != run.planned_teacher("nat")[1]
     for name in ("a.pt", "n.pt"):
         (tmp_path / name).write_bytes(b"")
