@@ -54,12 +54,10 @@ if [ ! -f "$DATA_DIR/train.npz" ]; then
   python3 "$prepare" "$DATA_DIR" >/dev/null
 fi
 RUN_DIR=${RUN_DIR:-/tmp/multiteach_reference}
-left=$(python3 -c "import sys, time; print(f'{float(sys.argv[1]) - (time.time() - float(sys.argv[2])):.1f}')" \
-       "${BUDGET:-540}" "$start")
 # the setup's parts, with the clock time the example's log lines compare with, in the log too
-setup_s=$(since "$start")
-echo "reference run: started $(date -d "@$start" +%T); setup ${setup_s} s (wheels ${wheels_s} s, data" \
-     "$(python3 -c "import sys; print(f'{float(sys.argv[1]) - float(sys.argv[2]):.1f}')" "$setup_s" "$wheels_s") s);" \
+read -r setup_s data_s left < <(python3 -c "import sys, time; s = time.time() - float(sys.argv[1])
+print(f'{s:.1f} {s - float(sys.argv[2]):.1f} {float(sys.argv[3]) - s:.1f}')" "$start" "$wheels_s" "${BUDGET:-540}")
+echo "reference run: started $(date -d "@$start" +%T); setup ${setup_s} s (wheels ${wheels_s} s, data ${data_s} s);" \
      "${left} s of ${BUDGET:-540} s left" | tee "$OUT/reference.log"
 set +e
 # SIGTERM GRACE (45) s past the budget, or 5 s before WALL: a stage checkpoints, the evaluation keeps its finished

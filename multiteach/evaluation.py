@@ -426,14 +426,15 @@ class TimedEvaluation:
         with row_rng(self.seed, describe(attack)):  # the row's chunks, one stream; a check row of the same attack
             # in another precision draws the same starts, so it differs by its precision alone
             while lo < n:
-                fits = [c for c in sizes
-                        if required or self.predict(attack, min(c, n - lo), model_name) <= self.left() - self.margin_s]
+                predicted = {c: self.predict(attack, min(c, n - lo), model_name) for c in sizes}
+                spare = self.left() - self.margin_s
+                fits = [c for c in sizes if required or predicted[c] <= spare]
                 if not fits:  # the images left, listed as not run (the row reports those done)
                     if lo:
                         self.skipped.append(f"{model_name}/{name}: images {lo}-{n} (no time left)")
                     break
                 hi = min(lo + fits[0], n)
-                call = {"images": hi - lo, "predicted_s": round(self.predict(attack, hi - lo, model_name), 3)}
+                call = {"images": hi - lo, "predicted_s": round(predicted[fits[0]], 3)}
                 if model_name in self.reports:  # each call beside the prediction it ran on, cut ones too
                     self.reports[model_name].meta.setdefault("calls", {}).setdefault(name, []).append(call)
                 t1 = time.perf_counter()
